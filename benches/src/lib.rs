@@ -1,0 +1,1 @@
+//! crossgate-benches: shared pieces of the benches (issue 5 adds the comparison harness).

@@ -1,0 +1,1 @@
+//! crossgate-control: the control service (issue 3 fills this crate).

@@ -1,0 +1,24 @@
+//! Compiles the protos with protox (pure Rust: no system protoc), then generates the tonic/prost code and
+//! the pbjson serde impls that give the resources their YAML/JSON form.
+use prost::Message;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let files = [
+        "crossgate/discovery/v1/cluster.proto",
+        "crossgate/discovery/v1/discovery.proto",
+    ];
+    let descriptors = protox::compile(files, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        // Well-known types from pbjson-types, which carry the proto3 JSON mapping ("10s" durations, bare
+        // wrapper values).
+        .compile_well_known_types(true)
+        .extern_path(".google.protobuf", "::pbjson_types")
+        .compile_fds(descriptors.clone())?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors.encode_to_vec())?
+        .build(&[".crossgate"])?;
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! crossgate-proxy (being built)
