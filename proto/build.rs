@@ -4,10 +4,7 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = [
-        "crossgate/discovery/v1/cluster.proto",
-        "crossgate/discovery/v1/discovery.proto",
-    ];
+    let files = ["crossgate/discovery/v1/cluster.proto", "crossgate/discovery/v1/discovery.proto"];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
         .build_server(true)
@@ -17,8 +14,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(descriptors.clone())?;
-    pbjson_build::Builder::new()
-        .register_descriptors(&descriptors.encode_to_vec())?
-        .build(&[".crossgate"])?;
+    pbjson_build::Builder::new().register_descriptors(&descriptors.encode_to_vec())?.build(&[".crossgate"])?;
     Ok(())
 }

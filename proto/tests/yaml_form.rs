@@ -37,9 +37,7 @@ clusters:
     let lb = policy.load_balancer.as_ref().unwrap();
     assert_eq!(
         lb.lb_policy,
-        Some(load_balancer_settings::LbPolicy::Simple(
-            load_balancer_settings::SimpleLb::RoundRobin as i32
-        ))
+        Some(load_balancer_settings::LbPolicy::Simple(load_balancer_settings::SimpleLb::RoundRobin as i32))
     );
     let locality = lb.locality_lb_setting.as_ref().unwrap();
     assert_eq!(locality.enabled.map(|v| v.value), Some(true));
