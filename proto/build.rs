@@ -13,6 +13,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // wrapper values).
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
+        // Durations accept Go's syntax too (300ms, 5m), as Istio's YAML does.
+        .extern_path(".google.protobuf.Duration", "crate::duration::Duration")
         .compile_fds(descriptors.clone())?;
     pbjson_build::Builder::new().register_descriptors(&descriptors.encode_to_vec())?.build(&[".crossgate"])?;
     Ok(())

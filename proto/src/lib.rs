@@ -2,6 +2,8 @@
 //! them. The same messages have a YAML/JSON form (proto3 JSON mapping via pbjson), which is what the
 //! gateway's static resources file and the simulator's traffic policies are written in.
 
+pub mod duration;
+
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod discovery {
     pub mod v1 {
@@ -11,3 +13,4 @@ pub mod discovery {
 }
 
 pub use discovery::v1::*;
+pub use duration::Duration;

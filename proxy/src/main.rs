@@ -1,1 +1,51 @@
-fn main() {}
+//! `crossgate-proxy`: parses the command line and wires the gateway together.
+
+use clap::Parser;
+use crossgate_proxy::config::GatewayConfig;
+use crossgate_proxy::gateway::Gateway;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "crossgate-proxy", version, about = "An Istio east-west gateway: SNI passthrough on :15443")]
+struct Cli {
+    #[command(flatten)]
+    gateway: GatewayConfig,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let cli = Cli::parse();
+    let workers = cli.gateway.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("crossgate-worker")
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(cli.gateway))
+}
+
+async fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    let gateway = Gateway::bind(config).await?;
+    let handle = gateway.handle();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = terminate.recv() => {
+                tracing::info!("SIGTERM: draining");
+                handle.shut_down().await;
+            }
+            _ = interrupt.recv() => {
+                tracing::info!("SIGINT: exiting now");
+                handle.terminate();
+            }
+        }
+    });
+    gateway.run().await
+}

@@ -1,0 +1,172 @@
+//! The HTTP side doors: readiness on the status port (15021), Prometheus metrics (15090), and the
+//! loopback admin port with the config dump. They run on their own thread and runtime, so that a slow
+//! scrape never competes with the data-plane workers.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config::GatewayConfig;
+use crate::discovery::ConfigStore;
+use crate::drain::{Drain, Phase};
+use crate::lb::Health;
+use crate::metrics::Telemetry;
+
+/// What the admin endpoints read.
+#[derive(Debug)]
+pub struct AdminState {
+    pub store: Arc<ConfigStore>,
+    pub telemetry: Arc<Telemetry>,
+    pub drain: Drain,
+    /// Set once the :15443 listener accepts.
+    pub listening: AtomicBool,
+    pub config: GatewayConfig,
+}
+
+/// Which endpoints a port serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// `/healthz/ready` only: this port is on the Service and reachable by load balancers.
+    Status,
+    /// `/stats/prometheus` only.
+    Metrics,
+    /// Everything, for operators on loopback: `/config_dump`, `/healthz/ready`, `/stats/prometheus`.
+    Admin,
+}
+
+/// Serves `port`'s endpoints on `listener` until the gateway terminates.
+pub async fn serve(listener: TcpListener, port: Port, state: Arc<AdminState>) {
+    let terminated = state.drain.reached(Phase::Terminated);
+    tokio::pin!(terminated);
+    loop {
+        let (stream, _) = tokio::select! {
+            () = &mut terminated => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, ?port, "admin accept failed");
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, Infallible>(respond(&request, port, &state)) }
+            });
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn respond(request: &Request<Incoming>, port: Port, state: &AdminState) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned());
+    }
+    match (port, request.uri().path()) {
+        (Port::Status | Port::Admin, "/healthz/ready") => readiness(state),
+        (Port::Metrics | Port::Admin, "/stats/prometheus") => {
+            let mut response = text(StatusCode::OK, state.telemetry.render());
+            response.headers_mut().insert(CONTENT_TYPE, "text/plain; version=0.0.4".parse().expect("static header"));
+            response
+        }
+        (Port::Admin, "/config_dump") => {
+            let mut response = text(StatusCode::OK, config_dump(state).to_string());
+            response.headers_mut().insert(CONTENT_TYPE, "application/json".parse().expect("static header"));
+            response
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n".to_owned()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+/// Istio's readiness: 200 once a configuration is accepted and the listener is up, 503 before that and
+/// from the moment draining starts (so load balancers stop sending new connections).
+fn readiness(state: &AdminState) -> Response<Full<Bytes>> {
+    let problem = if state.drain.phase() != Phase::Running {
+        Some("draining")
+    } else if !state.store.is_loaded() {
+        Some("no configuration accepted yet")
+    } else if !state.listening.load(Ordering::Acquire) {
+        Some("listener not up")
+    } else {
+        None
+    };
+    match problem {
+        None => text(StatusCode::OK, "ready\n".to_owned()),
+        Some(problem) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {problem}\n")),
+    }
+}
+
+/// The gateway's configuration and every cluster with its endpoints and live state.
+pub fn config_dump(state: &AdminState) -> serde_json::Value {
+    let routes = state.store.routes();
+    let clusters: Vec<_> = routes
+        .clusters()
+        .into_iter()
+        .map(|cluster| {
+            let endpoints: Vec<_> = cluster
+                .lb
+                .hosts()
+                .iter()
+                .zip(&cluster.endpoints)
+                .map(|(host, info)| {
+                    json!({
+                        "address": host.spec.address.to_string(),
+                        "locality": host.spec.locality.to_string(),
+                        "weight": host.spec.weight,
+                        "health": match host.spec.health {
+                            Health::Healthy => "HEALTHY",
+                            Health::Unhealthy => "UNHEALTHY",
+                            Health::Draining => "DRAINING",
+                        },
+                        "labels": host.spec.labels,
+                        "cluster_id": info.cluster_id,
+                        "workload_name": info.workload_name,
+                        "active_connections": host.state.active(),
+                    })
+                })
+                .collect();
+            let settings = &cluster.settings;
+            json!({
+                "name": &*cluster.name,
+                "service": { "host": cluster.host, "port": cluster.port, "subset": cluster.subset,
+                             "name": cluster.service_name, "namespace": cluster.service_namespace },
+                "lb": format!("{:?}", cluster.lb.settings()),
+                "connect_timeout": humantime::format_duration(settings.connect_timeout).to_string(),
+                "idle_timeout": settings.idle_timeout.map(|d| humantime::format_duration(d).to_string()),
+                "max_connection_duration": settings.max_connection_duration.map(|d| humantime::format_duration(d).to_string()),
+                "max_connections": settings.max_connections,
+                "active_connections": cluster.active.load(Ordering::Relaxed),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    json!({ "gateway": &state.config, "clusters": clusters })
+}
+
+/// The bound addresses of the side doors.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminAddresses {
+    pub status: SocketAddr,
+    pub metrics: SocketAddr,
+    pub admin: SocketAddr,
+}

@@ -1,0 +1,230 @@
+//! The gateway's configuration: typed, parsed from flags and environment variables (every flag has one),
+//! validated before anything starts.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// A duration written as Istio and Envoy write them: `15s`, `1h`, `500ms`, `0s`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct HumanDuration(#[serde(serialize_with = "serialize_duration")] pub Duration);
+
+impl std::str::FromStr for HumanDuration {
+    type Err = humantime::DurationError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        humantime::parse_duration(s).map(HumanDuration)
+    }
+}
+
+fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*d).to_string())
+}
+
+/// Everything `crossgate-proxy` (the gateway) needs to run.
+#[derive(Debug, Clone, clap::Args, Serialize)]
+pub struct GatewayConfig {
+    /// Where Istio workloads connect with mTLS (the AUTO_PASSTHROUGH SNI router).
+    #[arg(long, env = "CROSSGATE_LISTEN", default_value = "0.0.0.0:15443")]
+    pub listen: SocketAddr,
+
+    /// Readiness (`/healthz/ready`), as Istio's status port.
+    #[arg(long, env = "CROSSGATE_STATUS_ADDR", default_value = "0.0.0.0:15021")]
+    pub status_addr: SocketAddr,
+
+    /// Prometheus metrics (`/stats/prometheus`).
+    #[arg(long, env = "CROSSGATE_METRICS_ADDR", default_value = "0.0.0.0:15090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Admin endpoints (`/config_dump`); loopback only by default, like Envoy's admin port.
+    #[arg(long, env = "CROSSGATE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// A static resources file (YAML or JSON form of crossgate.discovery.v1.Resources), reloaded when it
+    /// changes.
+    #[arg(long, env = "CROSSGATE_RESOURCES")]
+    pub resources: PathBuf,
+
+    /// Data-plane worker threads; defaults to the number of cores.
+    #[arg(long, env = "CROSSGATE_WORKERS")]
+    pub workers: Option<usize>,
+
+    /// How long a client may take to send its whole ClientHello (Envoy's listener filter timeout).
+    #[arg(long, env = "CROSSGATE_HELLO_TIMEOUT", default_value = "15s")]
+    pub hello_timeout: HumanDuration,
+
+    /// Upstream connect timeout, unless the cluster's DestinationRule sets `tcp.connectTimeout`
+    /// (Istio's meshConfig.connectTimeout default).
+    #[arg(long, env = "CROSSGATE_CONNECT_TIMEOUT", default_value = "10s")]
+    pub connect_timeout: HumanDuration,
+
+    /// Endpoints tried per connection before giving up (each attempt picks an endpoint not yet tried).
+    #[arg(long, env = "CROSSGATE_CONNECT_ATTEMPTS", default_value_t = 3)]
+    pub connect_attempts: usize,
+
+    /// Close a tunnel after this long with no bytes either way, unless the DestinationRule sets
+    /// `tcp.idleTimeout`; `0s` disables it (Envoy's tcp_proxy default is 1h).
+    #[arg(long, env = "CROSSGATE_IDLE_TIMEOUT", default_value = "1h")]
+    pub idle_timeout: HumanDuration,
+
+    /// Close any tunnel after this long, unless the DestinationRule sets `tcp.maxConnectionDuration`;
+    /// `0s` (the default) means no limit.
+    #[arg(long, env = "CROSSGATE_MAX_CONNECTION_DURATION", default_value = "0s")]
+    pub max_connection_duration: HumanDuration,
+
+    /// Downstream connections open at once across the gateway; more are closed at accept
+    /// (ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS).
+    #[arg(long, env = "ISTIO_META_GLOBAL_DOWNSTREAM_MAX_CONNECTIONS", default_value_t = i32::MAX as usize)]
+    pub max_downstream_connections: usize,
+
+    /// TCP keepalive on both sides: idle time before the first probe (a DestinationRule's
+    /// `tcp.tcpKeepalive` overrides it upstream).
+    #[arg(long, env = "CROSSGATE_TCP_KEEPALIVE_TIME", default_value = "300s")]
+    pub tcp_keepalive_time: HumanDuration,
+
+    #[arg(long, env = "CROSSGATE_TCP_KEEPALIVE_INTERVAL", default_value = "75s")]
+    pub tcp_keepalive_interval: HumanDuration,
+
+    #[arg(long, env = "CROSSGATE_TCP_KEEPALIVE_PROBES", default_value_t = 9)]
+    pub tcp_keepalive_probes: u32,
+
+    /// After SIGTERM, how long the listener keeps accepting (readiness already fails), as Envoy's graceful
+    /// listener drain does.
+    #[arg(long, env = "CROSSGATE_DRAIN_DURATION", default_value = "5s")]
+    pub drain_duration: HumanDuration,
+
+    /// After SIGTERM, when open tunnels are closed by force if they have not ended.
+    #[arg(long, env = "CROSSGATE_TERMINATION_GRACE", default_value = "25s")]
+    pub termination_grace: HumanDuration,
+
+    /// Exit as soon as no tunnel remains, once the minimum drain duration has passed.
+    #[arg(long, env = "EXIT_ON_ZERO_ACTIVE_CONNECTIONS", default_value_t = false)]
+    pub exit_on_zero_active_connections: bool,
+
+    #[arg(long, env = "MINIMUM_DRAIN_DURATION", default_value = "5s")]
+    pub minimum_drain_duration: HumanDuration,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("--workers must be at least 1")]
+    NoWorkers,
+    #[error("--connect-attempts must be at least 1")]
+    NoConnectAttempts,
+    #[error("--connect-timeout must be more than 0s")]
+    ZeroConnectTimeout,
+    #[error("--hello-timeout must be more than 0s")]
+    ZeroHelloTimeout,
+    #[error("--drain-duration ({drain:?}) must not exceed --termination-grace ({grace:?})")]
+    DrainLongerThanGrace { drain: Duration, grace: Duration },
+    #[error("--max-downstream-connections must be at least 1")]
+    NoDownstreamConnections,
+}
+
+/// The gateway's flags alone, for parsing them outside the binary (tests, benches).
+#[derive(Debug, clap::Parser)]
+#[command(name = "crossgate-proxy")]
+struct GatewayFlags {
+    #[command(flatten)]
+    config: GatewayConfig,
+}
+
+impl GatewayConfig {
+    /// Parses flags as the binary does (`args` excludes the program name); environment variables apply.
+    pub fn from_flags<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use clap::Parser;
+        let args = std::iter::once(std::ffi::OsString::from("crossgate-proxy")).chain(args.into_iter().map(Into::into));
+        GatewayFlags::try_parse_from(args).map(|flags| flags.config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.workers == Some(0) {
+            return Err(ConfigError::NoWorkers);
+        }
+        if self.connect_attempts == 0 {
+            return Err(ConfigError::NoConnectAttempts);
+        }
+        if self.connect_timeout.0.is_zero() {
+            return Err(ConfigError::ZeroConnectTimeout);
+        }
+        if self.hello_timeout.0.is_zero() {
+            return Err(ConfigError::ZeroHelloTimeout);
+        }
+        if self.max_downstream_connections == 0 {
+            return Err(ConfigError::NoDownstreamConnections);
+        }
+        if self.drain_duration.0 > self.termination_grace.0 {
+            return Err(ConfigError::DrainLongerThanGrace {
+                drain: self.drain_duration.0,
+                grace: self.termination_grace.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Zero means "off" for the optional timeouts.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        non_zero(self.idle_timeout.0)
+    }
+
+    pub fn max_connection_duration(&self) -> Option<Duration> {
+        non_zero(self.max_connection_duration.0)
+    }
+
+    pub fn keepalive(&self) -> Keepalive {
+        Keepalive {
+            time: self.tcp_keepalive_time.0,
+            interval: self.tcp_keepalive_interval.0,
+            probes: self.tcp_keepalive_probes,
+        }
+    }
+}
+
+pub fn non_zero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> GatewayConfig {
+        GatewayConfig::from_flags([&["--resources", "r.yaml"], args].concat()).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_istio() {
+        let config = parse(&[]);
+        assert_eq!(config.listen.port(), 15443);
+        assert_eq!(config.status_addr.port(), 15021);
+        assert_eq!(config.metrics_addr.port(), 15090);
+        assert_eq!(config.hello_timeout.0, Duration::from_secs(15));
+        assert_eq!(config.connect_timeout.0, Duration::from_secs(10));
+        assert_eq!(config.idle_timeout(), Some(Duration::from_secs(3600)));
+        assert_eq!(config.max_connection_duration(), None);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn refusals_name_the_flag() {
+        let config = parse(&["--drain-duration", "60s", "--termination-grace", "30s"]);
+        assert!(config.validate().unwrap_err().to_string().contains("--drain-duration"));
+        assert_eq!(parse(&["--connect-attempts", "0"]).validate(), Err(ConfigError::NoConnectAttempts));
+        assert!(parse(&["--idle-timeout", "0s"]).idle_timeout().is_none());
+        let error = GatewayConfig::from_flags(["--resources", "r.yaml", "--hello-timeout", "soon"]).unwrap_err();
+        assert!(error.to_string().contains("--hello-timeout"), "{error}");
+    }
+}

@@ -1,0 +1,211 @@
+//! Upstream connect (timeouts, retry on another endpoint) and the two-way copy of a tunnel, honouring
+//! half-close, propagating resets, and counting bytes as they move.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::Counter;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+use crate::config::Keepalive;
+use crate::drain::{Drain, Phase};
+use crate::lb::PickContext;
+use crate::metrics::RejectReason;
+use crate::route::RouteCluster;
+
+/// Copy buffer per direction, allocated when the first bytes arrive so that idle tunnels hold none.
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// Sets the options both sides of a tunnel get: no Nagle delay (TLS records are already framed) and
+/// keepalive probes so that dead peers are noticed.
+pub fn tune_socket(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    SockRef::from(stream).set_tcp_keepalive(
+        &TcpKeepalive::new().with_time(keepalive.time).with_interval(keepalive.interval).with_retries(keepalive.probes),
+    )
+}
+
+/// Why a connection that matched a cluster ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelEnd {
+    /// Both sides closed their write half.
+    Complete,
+    DownstreamReset,
+    UpstreamReset,
+    IdleTimeout,
+    MaxDuration,
+    /// Closed by the end of the termination grace.
+    Terminated,
+}
+
+/// An upstream connection and the host it goes to.
+pub struct Connected {
+    pub stream: TcpStream,
+    pub endpoint: usize,
+    pub address: SocketAddr,
+    /// Holds the host's open-connection count (LEAST_REQUEST) until the tunnel ends.
+    _picked: crate::lb::Picked,
+}
+
+/// Picks endpoints and connects, trying up to `attempts` different endpoints; each failure is counted.
+pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize) -> Result<Connected, RejectReason> {
+    let mut tried = Vec::new();
+    for _ in 0..attempts {
+        let ctx = PickContext { source: source.ip(), tried: &tried };
+        let Some(picked) = cluster.lb.pick(&ctx, &mut rand::rng()) else { break };
+        let host = &cluster.lb.hosts()[picked.index];
+        let address = host.spec.address;
+        cluster.metrics.upstream_cx_total.increment(1);
+        match timeout(cluster.settings.connect_timeout, connect_to(address, &cluster.settings.keepalive)).await {
+            Ok(Ok(stream)) => {
+                return Ok(Connected { stream, endpoint: picked.index, address, _picked: picked });
+            }
+            Ok(Err(error)) => {
+                cluster.metrics.upstream_cx_connect_fail.increment(1);
+                tracing::debug!(cluster = %cluster.name, %address, %error, "upstream connect failed");
+            }
+            Err(_) => {
+                cluster.metrics.upstream_cx_connect_timeout.increment(1);
+                tracing::debug!(cluster = %cluster.name, %address, "upstream connect timed out");
+            }
+        }
+        tried.push(picked.index);
+    }
+    if tried.is_empty() {
+        cluster.metrics.upstream_cx_none_healthy.increment(1);
+        Err(RejectReason::NoHealthyUpstream)
+    } else {
+        Err(RejectReason::UpstreamConnectFailed)
+    }
+}
+
+async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
+    let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_nodelay(true)?;
+    SockRef::from(&socket).set_tcp_keepalive(
+        &TcpKeepalive::new().with_time(keepalive.time).with_interval(keepalive.interval).with_retries(keepalive.probes),
+    )?;
+    socket.connect(address).await
+}
+
+/// The byte counters of one tunnel, live while it is open.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelCounters<'a> {
+    /// Client to server (Istio's received bytes).
+    pub request: &'a Counter,
+    /// Server to client (Istio's sent bytes).
+    pub response: &'a Counter,
+}
+
+/// Limits on one tunnel's life.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelLimits {
+    pub idle_timeout: Option<Duration>,
+    pub max_duration: Option<Duration>,
+}
+
+/// Copies both ways until both sides have closed their write half, an error resets the tunnel, or a
+/// limit or termination ends it. A reset on one side is passed on to the other as a reset.
+pub async fn tunnel(
+    downstream: &mut TcpStream,
+    upstream: &mut TcpStream,
+    counters: TunnelCounters<'_>,
+    limits: TunnelLimits,
+    drain: &Drain,
+) -> TunnelEnd {
+    let start = Instant::now();
+    let last_activity = Arc::new(AtomicU64::new(0));
+    let end = {
+        let (mut down_read, mut down_write) = downstream.split();
+        let (mut up_read, mut up_write) = upstream.split();
+        let request = pump(&mut down_read, &mut up_write, counters.request, start, &last_activity);
+        let response = pump(&mut up_read, &mut down_write, counters.response, start, &last_activity);
+        tokio::pin!(request, response);
+        let (mut request_done, mut response_done) = (false, false);
+        let idle = sleep(limits.idle_timeout.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle);
+        let max_duration = sleep_until(start + limits.max_duration.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(max_duration);
+        let terminated = drain.reached(Phase::Terminated);
+        tokio::pin!(terminated);
+        loop {
+            tokio::select! {
+                result = &mut request, if !request_done => match result {
+                    Ok(()) => request_done = true,
+                    Err(PumpError::Read) => break TunnelEnd::DownstreamReset,
+                    Err(PumpError::Write) => break TunnelEnd::UpstreamReset,
+                },
+                result = &mut response, if !response_done => match result {
+                    Ok(()) => response_done = true,
+                    Err(PumpError::Read) => break TunnelEnd::UpstreamReset,
+                    Err(PumpError::Write) => break TunnelEnd::DownstreamReset,
+                },
+                () = &mut idle, if limits.idle_timeout.is_some() => {
+                    let idle_timeout = limits.idle_timeout.unwrap_or_default();
+                    let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
+                    if last.elapsed() >= idle_timeout {
+                        break TunnelEnd::IdleTimeout;
+                    }
+                    idle.as_mut().reset(last + idle_timeout);
+                }
+                () = &mut max_duration, if limits.max_duration.is_some() => break TunnelEnd::MaxDuration,
+                () = &mut terminated => break TunnelEnd::Terminated,
+            }
+            if request_done && response_done {
+                break TunnelEnd::Complete;
+            }
+        }
+    };
+    // A reset seen on one side becomes a reset on the other (SO_LINGER 0 sends RST on close), as Envoy's
+    // tcp_proxy does; every other end closes normally.
+    match end {
+        TunnelEnd::DownstreamReset => {
+            let _ = upstream.set_zero_linger();
+        }
+        TunnelEnd::UpstreamReset => {
+            let _ = downstream.set_zero_linger();
+        }
+        _ => {}
+    }
+    end
+}
+
+#[derive(Debug)]
+enum PumpError {
+    Read,
+    Write,
+}
+
+/// One direction: read until EOF, writing everything on, then pass the EOF on as a FIN (half-close).
+async fn pump(
+    reader: &mut ReadHalf<'_>,
+    writer: &mut WriteHalf<'_>,
+    counter: &Counter,
+    start: Instant,
+    last_activity: &AtomicU64,
+) -> Result<(), PumpError> {
+    let mut buffer: Option<Box<[u8]>> = None;
+    loop {
+        reader.readable().await.map_err(|_| PumpError::Read)?;
+        let buf = buffer.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
+        let n = match reader.try_read(buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Err(PumpError::Read),
+        };
+        writer.write_all(&buf[..n]).await.map_err(|_| PumpError::Write)?;
+        counter.increment(n as u64);
+        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    // The peer may already be gone; the other direction reports that.
+    let _ = writer.shutdown().await;
+    Ok(())
+}

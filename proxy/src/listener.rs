@@ -1,0 +1,211 @@
+//! The :15443 accept loop and the life of one downstream connection: peek the ClientHello under a deadline
+//! and a size cap, route it by SNI and ALPN, connect upstream, tunnel. Every connection that cannot be
+//! routed is closed and counted with its reason.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics::Gauge;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::time::timeout;
+
+use crate::config::Keepalive;
+use crate::discovery::ConfigStore;
+use crate::drain::{ConnectionCount, Drain, Phase};
+use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelLimits};
+use crate::metrics::{ListenerMetrics, RejectReason};
+use crate::route::{RouteCluster, is_istio_alpn};
+use crate::tls::hello::{self, HelloError, MAX_HELLO_BYTES, Parse};
+
+/// The first read's buffer; most hellos fit, post-quantum ones grow it once.
+const INITIAL_HELLO_BUFFER: usize = 2048;
+
+/// What every connection task shares.
+#[derive(Debug)]
+pub struct Shared {
+    pub store: Arc<ConfigStore>,
+    pub metrics: ListenerMetrics,
+    pub connections: Arc<ConnectionCount>,
+    pub drain: Drain,
+    pub hello_timeout: Duration,
+    pub connect_attempts: usize,
+    pub max_downstream_connections: usize,
+    pub keepalive: Keepalive,
+}
+
+/// Accepts until the drain closes the listener.
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+    let closed = shared.drain.reached(Phase::ListenerClosed);
+    tokio::pin!(closed);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = &mut closed => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve_connection(stream, peer, Arc::clone(&shared)));
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: back off instead of spinning; the backlog holds the rest.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    tracing::info!("listener closed");
+}
+
+/// Increments a gauge for as long as it lives.
+struct GaugeGuard<'a>(&'a Gauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn new(gauge: &'a Gauge) -> Self {
+        gauge.increment(1.0);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+async fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let (_open, open_now) = shared.connections.open();
+    let metrics = &shared.metrics;
+    metrics.downstream_cx_total.increment(1);
+    let _active = GaugeGuard::new(&metrics.downstream_cx_active);
+    let outcome = if open_now > shared.max_downstream_connections {
+        Err(RejectReason::DownstreamOverflow)
+    } else {
+        let _ = forward::tune_socket(&downstream, &shared.keepalive);
+        route_and_forward(&mut downstream, peer, &shared).await
+    };
+    if let Err(reason) = outcome {
+        metrics.rejected(reason).increment(1);
+        tracing::debug!(%peer, reason = reason.label(), "connection refused");
+    }
+}
+
+async fn route_and_forward(downstream: &mut TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), RejectReason> {
+    let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
+    tokio::select! {
+        read = timeout(shared.hello_timeout, read_hello(downstream, &mut hello_bytes)) => {
+            read.map_err(|_| RejectReason::HelloTimeout)??;
+        }
+        () = shared.drain.reached(Phase::Terminated) => return Ok(()),
+    }
+    let cluster = route(&hello_bytes, shared)?;
+    forward_to(downstream, peer, hello_bytes, &cluster, shared).await
+}
+
+/// Reads until `buf` holds a whole ClientHello (or more: early data may follow it, and is forwarded).
+async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), RejectReason> {
+    loop {
+        match hello::parse(buf) {
+            Ok(Parse::Complete(_)) => return Ok(()),
+            Ok(Parse::NeedMore) => {}
+            Err(error) => return Err(hello_reject(&error)),
+        }
+        if buf.len() >= MAX_HELLO_BYTES {
+            return Err(RejectReason::HelloTooLarge);
+        }
+        if buf.len() == buf.capacity() {
+            buf.reserve((buf.capacity() * 2).min(MAX_HELLO_BYTES) - buf.len());
+        }
+        let limit = MAX_HELLO_BYTES - buf.len();
+        match (&mut *stream).take(limit as u64).read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(RejectReason::ClosedBeforeHello),
+            Ok(_) => {}
+        }
+    }
+}
+
+fn hello_reject(error: &HelloError) -> RejectReason {
+    match error {
+        HelloError::NotTls => RejectReason::NotTls,
+        HelloError::NotClientHello => RejectReason::NotClientHello,
+        _ => RejectReason::MalformedHello,
+    }
+}
+
+/// The cluster the hello asks for, as Envoy's AUTO_PASSTHROUGH filter chains match: the SNI names a known
+/// cluster and the client offers one of Istio's mTLS ALPNs.
+fn route(hello_bytes: &[u8], shared: &Shared) -> Result<Arc<RouteCluster>, RejectReason> {
+    let Ok(Parse::Complete(hello)) = hello::parse(hello_bytes) else {
+        return Err(RejectReason::MalformedHello);
+    };
+    let sni = hello.server_name().ok_or(RejectReason::NoSni)?;
+    let routes = shared.store.routes();
+    let cluster = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
+    if !hello.alpn_protocols().any(is_istio_alpn) {
+        return Err(RejectReason::AlpnMismatch);
+    }
+    Ok(Arc::clone(cluster))
+}
+
+/// Holds one slot of a cluster's connection limit.
+struct ClusterSlot<'a>(&'a RouteCluster);
+
+impl<'a> ClusterSlot<'a> {
+    fn take(cluster: &'a RouteCluster) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let open = cluster.active.fetch_add(1, Ordering::AcqRel);
+        let slot = ClusterSlot(cluster);
+        (open < cluster.settings.max_connections).then_some(slot)
+    }
+}
+
+impl Drop for ClusterSlot<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+async fn forward_to(
+    downstream: &mut TcpStream,
+    peer: SocketAddr,
+    hello_bytes: Vec<u8>,
+    cluster: &RouteCluster,
+    shared: &Shared,
+) -> Result<(), RejectReason> {
+    let refuse = |reason: RejectReason| {
+        cluster.record_refused(reason);
+        reason
+    };
+    let Some(_slot) = ClusterSlot::take(cluster) else {
+        cluster.metrics.upstream_cx_overflow.increment(1);
+        return Err(refuse(RejectReason::UpstreamOverflow));
+    };
+    let mut connected = forward::connect(cluster, peer, shared.connect_attempts).await.map_err(refuse)?;
+    let endpoint = &cluster.endpoints[connected.endpoint];
+    endpoint.metrics.connections_opened.increment(1);
+    let _upstream_active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
+    let end = match connected.stream.write_all(&hello_bytes).await {
+        Ok(()) => {
+            endpoint.metrics.received_bytes.increment(hello_bytes.len() as u64);
+            drop(hello_bytes);
+            let counters =
+                TunnelCounters { request: &endpoint.metrics.received_bytes, response: &endpoint.metrics.sent_bytes };
+            let limits = TunnelLimits {
+                idle_timeout: cluster.settings.idle_timeout,
+                max_duration: cluster.settings.max_connection_duration,
+            };
+            forward::tunnel(downstream, &mut connected.stream, counters, limits, &shared.drain).await
+        }
+        Err(_) => TunnelEnd::UpstreamReset,
+    };
+    match end {
+        TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
+        TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
+        _ => {}
+    }
+    endpoint.metrics.connections_closed.increment(1);
+    tracing::debug!(%peer, cluster = %cluster.name, upstream = %connected.address, ?end, "tunnel closed");
+    Ok(())
+}

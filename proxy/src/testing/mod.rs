@@ -1,0 +1,41 @@
+//! Real TLS peers for tests and benches: an Istio-like PKI (rcgen), mTLS backends and clients (rustls) that
+//! send SNI and ALPN exactly as Istio sidecars do, and small helpers for asserting on a running gateway.
+
+pub mod gateway;
+pub mod pki;
+pub mod workload;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Polls `check` until it holds, or panics with `what` after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The sum of the samples of `name` in a Prometheus text exposition whose labels include every
+/// `key="value"` pair of `labels`.
+pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric_name, label_text) = match series.split_once('{') {
+                Some((metric_name, rest)) => (metric_name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let matches = metric_name == name
+                && labels.iter().all(|(key, value)| label_text.contains(&format!("{key}=\"{value}\"")));
+            if matches { value.parse::<f64>().ok() } else { None }
+        })
+        .sum()
+}
