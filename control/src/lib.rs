@@ -1,4 +1,7 @@
-//! crossgate-control: the control service (issue 3 fills this crate).
+//! crossgate-control: the control service. It watches every cluster of the mesh and pushes to each gateway
+//! the endpoints it may route to.
+
+pub mod model;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake_kube;
