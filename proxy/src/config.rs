@@ -1,11 +1,14 @@
 //! The gateway's configuration: typed, parsed from flags and environment variables (every flag has one),
 //! validated before anything starts.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Serialize;
+
+use crate::lb::{GatewayIdentity, LbConfigError, Locality, NETWORK_LABEL};
 
 /// A duration written as Istio and Envoy write them: `15s`, `1h`, `500ms`, `0s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -45,7 +48,33 @@ pub struct GatewayConfig {
     /// A static resources file (YAML or JSON form of crossgate.discovery.v1.Resources), reloaded when it
     /// changes.
     #[arg(long, env = "CROSSGATE_RESOURCES")]
-    pub resources: PathBuf,
+    pub resources: Option<PathBuf>,
+
+    /// The Kubernetes cluster this gateway runs in (Istio's CLUSTER_ID; the `topology.istio.io/cluster` label).
+    #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
+    pub cluster_id: String,
+
+    /// The gateway's network (`topology.istio.io/network`).
+    #[arg(long, env = "ISTIO_META_NETWORK", default_value = "")]
+    pub network: String,
+
+    /// The gateway's `region/zone/subzone`: locality failover prefers endpoints near it.
+    #[arg(long, env = "CROSSGATE_LOCALITY", default_value = "")]
+    pub locality: String,
+
+    /// More gateway labels (`key=value`, repeatable or comma-separated), compared by `failoverPriority`.
+    #[arg(long = "label", env = "CROSSGATE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+
+    /// Which Istio release's locality rules to follow where releases differ (`failoverPriority` with the
+    /// network first): 1.31 or 1.30.
+    #[arg(long, env = "CROSSGATE_ISTIO_VERSION", default_value = "1.31")]
+    pub istio_version: String,
+
+    /// Replace every cluster's pick algorithm with this registered policy (e.g. MAGLEV, or one of your own:
+    /// see proxy/src/lb/policy).
+    #[arg(long, env = "CROSSGATE_LB_POLICY")]
+    pub lb_policy: Option<String>,
 
     /// Data-plane worker threads; defaults to the number of cores.
     #[arg(long, env = "CROSSGATE_WORKERS")]
@@ -109,6 +138,8 @@ pub struct GatewayConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
+    #[error("no configuration source: give --resources FILE")]
+    NoSource,
     #[error("--workers must be at least 1")]
     NoWorkers,
     #[error("--connect-attempts must be at least 1")]
@@ -121,6 +152,17 @@ pub enum ConfigError {
     DrainLongerThanGrace { drain: Duration, grace: Duration },
     #[error("--max-downstream-connections must be at least 1")]
     NoDownstreamConnections,
+    #[error("--locality: {0}")]
+    Locality(String),
+    #[error("--istio-version: {0}")]
+    IstioVersion(String),
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
 }
 
 /// The gateway's flags alone, for parsing them outside the binary (tests, benches).
@@ -144,6 +186,9 @@ impl GatewayConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.resources.is_none() {
+            return Err(ConfigError::NoSource);
+        }
         if self.workers == Some(0) {
             return Err(ConfigError::NoWorkers);
         }
@@ -159,6 +204,7 @@ impl GatewayConfig {
         if self.max_downstream_connections == 0 {
             return Err(ConfigError::NoDownstreamConnections);
         }
+        self.gateway_identity()?;
         if self.drain_duration.0 > self.termination_grace.0 {
             return Err(ConfigError::DrainLongerThanGrace {
                 drain: self.drain_duration.0,
@@ -175,6 +221,20 @@ impl GatewayConfig {
 
     pub fn max_connection_duration(&self) -> Option<Duration> {
         non_zero(self.max_connection_duration.0)
+    }
+
+    /// Who this gateway is, for locality-aware balancing: its locality, and its labels with the network and
+    /// cluster added as Istio adds them.
+    pub fn gateway_identity(&self) -> Result<GatewayIdentity, ConfigError> {
+        let locality: Locality = self.locality.parse().map_err(|e: LbConfigError| ConfigError::Locality(e.to_string()))?;
+        let mut labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
+        if !self.network.is_empty() {
+            labels.insert(NETWORK_LABEL.to_owned(), self.network.clone());
+        }
+        labels.insert("topology.istio.io/cluster".to_owned(), self.cluster_id.clone());
+        let mut identity = GatewayIdentity::new(locality, labels);
+        identity.network_failover = self.istio_version.parse().map_err(ConfigError::IstioVersion)?;
+        Ok(identity)
     }
 
     pub fn keepalive(&self) -> Keepalive {
@@ -226,5 +286,20 @@ mod tests {
         assert!(parse(&["--idle-timeout", "0s"]).idle_timeout().is_none());
         let error = GatewayConfig::from_flags(["--resources", "r.yaml", "--hello-timeout", "soon"]).unwrap_err();
         assert!(error.to_string().contains("--hello-timeout"), "{error}");
+        assert!(parse(&["--locality", "a/b/c/d"]).validate().unwrap_err().to_string().contains("--locality"));
+        assert!(parse(&["--istio-version", "1.29"]).validate().is_err());
+        assert!(GatewayConfig::from_flags(["--resources", "r.yaml", "--label", "novalue"]).is_err());
+    }
+
+    #[test]
+    fn identity_carries_network_cluster_and_locality() {
+        let config = parse(&["--network", "network1", "--cluster-id", "cluster1", "--locality", "us-east1/us-east1-b",
+            "--label", "a=1,b=2", "--istio-version", "1.30"]);
+        let identity = config.gateway_identity().unwrap();
+        assert_eq!(identity.labels["topology.istio.io/network"], "network1");
+        assert_eq!(identity.labels["topology.istio.io/cluster"], "cluster1");
+        assert_eq!(identity.labels["topology.kubernetes.io/zone"], "us-east1-b");
+        assert_eq!((identity.labels["a"].as_str(), identity.labels["b"].as_str()), ("1", "2"));
+        assert_eq!(identity.network_failover, crate::lb::NetworkFailover::Istio130);
     }
 }

@@ -3,7 +3,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -16,7 +15,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 
 use crate::config::Keepalive;
 use crate::drain::{Drain, Phase};
-use crate::lb::PickContext;
+use crate::lb::{Outcome, PickContext};
 use crate::metrics::RejectReason;
 use crate::route::RouteCluster;
 
@@ -63,15 +62,20 @@ pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize
         let host = &cluster.lb.hosts()[picked.index];
         let address = host.spec.address;
         cluster.metrics.upstream_cx_total.increment(1);
-        match timeout(cluster.settings.connect_timeout, connect_to(address, &cluster.settings.keepalive)).await {
+        let outcome = timeout(cluster.settings.connect_timeout, connect_to(address, &cluster.settings.keepalive)).await;
+        let now = std::time::Instant::now();
+        match outcome {
             Ok(Ok(stream)) => {
+                cluster.lb.report(picked.index, Outcome::ConnectSuccess, now);
                 return Ok(Connected { stream, endpoint: picked.index, address, _picked: picked });
             }
             Ok(Err(error)) => {
+                cluster.lb.report(picked.index, Outcome::ConnectFailure, now);
                 cluster.metrics.upstream_cx_connect_fail.increment(1);
                 tracing::debug!(cluster = %cluster.name, %address, %error, "upstream connect failed");
             }
             Err(_) => {
+                cluster.lb.report(picked.index, Outcome::ConnectTimeout, now);
                 cluster.metrics.upstream_cx_connect_timeout.increment(1);
                 tracing::debug!(cluster = %cluster.name, %address, "upstream connect timed out");
             }
@@ -111,6 +115,14 @@ pub struct TunnelLimits {
     pub max_duration: Option<Duration>,
 }
 
+/// How a tunnel ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelOutcome {
+    pub end: TunnelEnd,
+    /// Bytes the upstream sent back: a reset before any is an upstream failure for outlier detection.
+    pub response_bytes: u64,
+}
+
 /// Copies both ways until both sides have closed their write half, an error resets the tunnel, or a
 /// limit or termination ends it. A reset on one side is passed on to the other as a reset.
 pub async fn tunnel(
@@ -119,14 +131,15 @@ pub async fn tunnel(
     counters: TunnelCounters<'_>,
     limits: TunnelLimits,
     drain: &Drain,
-) -> TunnelEnd {
+) -> TunnelOutcome {
     let start = Instant::now();
-    let last_activity = Arc::new(AtomicU64::new(0));
+    let last_activity = AtomicU64::new(0);
+    let (request_bytes, response_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
     let end = {
         let (mut down_read, mut down_write) = downstream.split();
         let (mut up_read, mut up_write) = upstream.split();
-        let request = pump(&mut down_read, &mut up_write, counters.request, start, &last_activity);
-        let response = pump(&mut up_read, &mut down_write, counters.response, start, &last_activity);
+        let request = pump(&mut down_read, &mut up_write, counters.request, &request_bytes, start, &last_activity);
+        let response = pump(&mut up_read, &mut down_write, counters.response, &response_bytes, start, &last_activity);
         tokio::pin!(request, response);
         let (mut request_done, mut response_done) = (false, false);
         let idle = sleep(limits.idle_timeout.unwrap_or(Duration::MAX / 4));
@@ -174,7 +187,7 @@ pub async fn tunnel(
         }
         _ => {}
     }
-    end
+    TunnelOutcome { end, response_bytes: response_bytes.into_inner() }
 }
 
 #[derive(Debug)]
@@ -188,6 +201,7 @@ async fn pump(
     reader: &mut ReadHalf<'_>,
     writer: &mut WriteHalf<'_>,
     counter: &Counter,
+    moved: &AtomicU64,
     start: Instant,
     last_activity: &AtomicU64,
 ) -> Result<(), PumpError> {
@@ -203,6 +217,7 @@ async fn pump(
         };
         writer.write_all(&buf[..n]).await.map_err(|_| PumpError::Write)?;
         counter.increment(n as u64);
+        moved.fetch_add(n as u64, Ordering::Relaxed);
         last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     // The peer may already be gone; the other direction reports that.

@@ -20,6 +20,8 @@ use crate::route::ClusterDefaults;
 
 /// How long `run` waits, once tunnels are told to close, for their tasks to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// How often ejections are reviewed; finer than any outlier-detection interval worth configuring.
+const OUTLIER_SWEEP: Duration = Duration::from_millis(100);
 
 /// A bound, configured gateway, ready to run.
 #[derive(Debug)]
@@ -65,9 +67,12 @@ impl Gateway {
             idle_timeout: config.idle_timeout(),
             max_connection_duration: config.max_connection_duration(),
             keepalive: config.keepalive(),
+            gateway: config.gateway_identity()?,
+            lb_policy: config.lb_policy.clone(),
         };
         let store = Arc::new(ConfigStore::new(defaults, Arc::clone(&telemetry), "file"));
-        let mut resources = ResourcesFile::new(&config.resources, Arc::clone(&store));
+        let path = config.resources.as_deref().ok_or(crate::config::ConfigError::NoSource)?;
+        let mut resources = ResourcesFile::new(path, Arc::clone(&store));
         resources.reload()?;
 
         let listener =
@@ -130,6 +135,7 @@ impl Gateway {
         let side_thread = spawn_side_doors(side_doors, Arc::clone(&admin))?;
         let drain = shared.drain.clone();
         let watcher = tokio::spawn(resources.watch(drain.clone()));
+        tokio::spawn(sweep_outliers(Arc::clone(&shared.store), drain.clone()));
         admin.listening.store(true, Ordering::Release);
         tracing::info!(listen = %listener.local_addr()?, "gateway accepting");
         listener::accept_loop(listener, Arc::clone(&shared)).await;
@@ -139,6 +145,25 @@ impl Gateway {
         watcher.await.context("resources watcher panicked")??;
         side_thread.join().map_err(|_| anyhow::anyhow!("admin thread panicked"))?;
         Ok(())
+    }
+}
+
+/// Un-ejects hosts whose ejection time is over and decays ejection multipliers (Envoy's outlier detection
+/// interval); each cluster knows when it is next due, so a tick is cheap.
+async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
+    let mut ticks = tokio::time::interval(OUTLIER_SWEEP);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let terminated = drain.reached(Phase::Terminated);
+    tokio::pin!(terminated);
+    loop {
+        tokio::select! {
+            () = &mut terminated => return,
+            _ = ticks.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        for cluster in store.routes().iter() {
+            cluster.lb.tick(now);
+        }
     }
 }
 

@@ -11,6 +11,8 @@ pub mod lb;
 pub mod listener;
 pub mod metrics;
 pub mod route;
+pub mod simulate;
+pub mod tls;
+
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod tls;

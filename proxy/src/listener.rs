@@ -14,7 +14,8 @@ use tokio::time::timeout;
 use crate::config::Keepalive;
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
-use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelLimits};
+use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelLimits, TunnelOutcome};
+use crate::lb::Outcome;
 use crate::metrics::{ListenerMetrics, RejectReason};
 use crate::route::{RouteCluster, is_istio_alpn};
 use crate::tls::hello::{self, HelloError, MAX_HELLO_BYTES, Parse};
@@ -186,7 +187,7 @@ async fn forward_to(
     let endpoint = &cluster.endpoints[connected.endpoint];
     endpoint.metrics.connections_opened.increment(1);
     let _upstream_active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
-    let end = match connected.stream.write_all(&hello_bytes).await {
+    let outcome = match connected.stream.write_all(&hello_bytes).await {
         Ok(()) => {
             endpoint.metrics.received_bytes.increment(hello_bytes.len() as u64);
             drop(hello_bytes);
@@ -198,8 +199,12 @@ async fn forward_to(
             };
             forward::tunnel(downstream, &mut connected.stream, counters, limits, &shared.drain).await
         }
-        Err(_) => TunnelEnd::UpstreamReset,
+        Err(_) => TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 },
     };
+    if outcome.end == TunnelEnd::UpstreamReset && outcome.response_bytes == 0 {
+        cluster.lb.report(connected.endpoint, Outcome::Reset, std::time::Instant::now());
+    }
+    let end = outcome.end;
     match end {
         TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
         TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),

@@ -7,16 +7,38 @@ use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(name = "crossgate-proxy", version, about = "An Istio east-west gateway: SNI passthrough on :15443")]
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[command(flatten)]
     gateway: GatewayConfig,
 }
 
-fn main() -> anyhow::Result<()> {
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Run a failover scenario through the gateway's own load balancer and outlier detection.
+    Simulate(crossgate_proxy::simulate::SimulateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    match run_cli() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("crossgate-proxy: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cli() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Simulate(args)) = cli.command {
+        return crossgate_proxy::simulate::main_simulate(args);
+    }
     let workers = cli.gateway.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

@@ -12,7 +12,7 @@ use std::time::Duration;
 use crossgate_proto::{Cluster, Endpoint, Resources, TrafficPolicy, connection_pool_settings::TcpSettings, endpoint};
 
 use crate::config::{Keepalive, non_zero};
-use crate::lb::{ClusterLb, EndpointSpec, Health, LbSettings, Locality};
+use crate::lb::{ClusterLb, EndpointSpec, GatewayIdentity, Health, LbSettings, Locality};
 use crate::metrics::{ClusterMetrics, Destination, IstioTcpMetrics, RejectReason};
 
 /// The ALPN protocols an Istio sidecar offers on its mTLS connections (`allIstioMtlsALPNs`). Envoy's
@@ -69,13 +69,17 @@ impl fmt::Display for SniKey<'_> {
     }
 }
 
-/// Gateway-wide defaults that a cluster's DestinationRule may override.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Gateway-wide settings that shape every cluster: defaults a DestinationRule may override, and who the
+/// gateway is (priorities are relative to its locality and labels).
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterDefaults {
     pub connect_timeout: Duration,
     pub idle_timeout: Option<Duration>,
     pub max_connection_duration: Option<Duration>,
     pub keepalive: Keepalive,
+    pub gateway: GatewayIdentity,
+    /// A registered pick policy replacing every cluster's algorithm (experiments).
+    pub lb_policy: Option<String>,
 }
 
 /// The connection settings of one cluster, after its DestinationRule's `connectionPool.tcp`.
@@ -213,6 +217,10 @@ impl RouteTable {
         self.clusters.values().map(|c| c.lb.hosts().len()).sum()
     }
 
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<RouteCluster>> {
+        self.clusters.values()
+    }
+
     /// Clusters in name order (for dumps).
     pub fn clusters(&self) -> Vec<&Arc<RouteCluster>> {
         let mut clusters: Vec<_> = self.clusters.values().collect();
@@ -270,7 +278,7 @@ fn build_cluster(
     let (key, lb_settings, settings) = (key?, lb_settings?, settings?);
 
     let (service_name, service_namespace) = service_identity(cluster, key.host);
-    let lb = ClusterLb::new(specs, lb_settings, previous.map(|p| &p.lb));
+    let lb = ClusterLb::new(specs, lb_settings, previous.map(|p| &p.lb), &defaults.gateway, &cluster.name);
     let endpoints = cluster
         .endpoints
         .iter()
@@ -462,6 +470,8 @@ mod build_tests {
             idle_timeout: Some(Duration::from_secs(3600)),
             max_connection_duration: None,
             keepalive: Keepalive { time: Duration::from_secs(300), interval: Duration::from_secs(75), probes: 9 },
+            gateway: GatewayIdentity::default(),
+            lb_policy: None,
         }
     }
 

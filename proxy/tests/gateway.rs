@@ -213,12 +213,18 @@ async fn upstream_refusals_are_counted_with_envoy_flags() {
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let v2 = "outbound_.5000_.v2_.helloworld.sample.svc.cluster.local";
     let v3 = "outbound_.5000_.v3_.helloworld.sample.svc.cluster.local";
+    // Only an unhealthy host, and outlier detection, which sets Envoy's panic threshold to 0 (Istio's
+    // minHealthPercent default): no panic routing, so no healthy upstream.
+    let v4 = "outbound_.5000_.v4_.helloworld.sample.svc.cluster.local";
     let live = backend.address;
     let yaml = format!(
         "clusters:
 - name: {SNI}
   endpoints: [{{ address: '{dead}' }}]
 - name: {v2}
+  endpoints: []
+- name: {v4}
+  trafficPolicy: {{ outlierDetection: {{ consecutive5xxErrors: 5 }} }}
   endpoints: [{{ address: '{live}', health: UNHEALTHY }}]
 - name: {v3}
   trafficPolicy: {{ connectionPool: {{ tcp: {{ maxConnections: 1 }} }} }}
@@ -228,6 +234,7 @@ async fn upstream_refusals_are_counted_with_envoy_flags() {
     let gateway = TestGateway::start(&yaml, &[]).await;
     assert!(workload::connect(gateway.listen, SNI, mesh.client_config()).await.is_err());
     assert!(workload::connect(gateway.listen, v2, mesh.client_config()).await.is_err());
+    assert!(workload::connect(gateway.listen, v4, mesh.client_config()).await.is_err());
     let mut first = workload::connect(gateway.listen, v3, mesh.client_config()).await.unwrap();
     workload::read_greeting(&mut first).await.unwrap();
     assert!(workload::connect(gateway.listen, v3, mesh.client_config()).await.is_err(), "over maxConnections");
@@ -236,13 +243,14 @@ async fn upstream_refusals_are_counted_with_envoy_flags() {
     eventually(WITHIN, "upstream refusals counted", || async {
         let m = gateway.metrics();
         rejected(&gateway, "upstream_connect_failed") == 1.0
-            && rejected(&gateway, "no_healthy_upstream") == 1.0
+            && rejected(&gateway, "no_healthy_upstream") == 2.0
             && rejected(&gateway, "upstream_overflow") == 1.0
             && metric(&m, "crossgate_upstream_cx_connect_fail_total", &[("cluster", SNI)]) == 1.0
             && metric(&m, "crossgate_upstream_cx_none_healthy_total", &[("cluster", v2)]) == 1.0
             && metric(&m, "crossgate_upstream_cx_overflow_total", &[("cluster", v3)]) == 1.0
             && metric(&m, "istio_tcp_connections_closed_total", &[("response_flags", "UF")]) == 1.0
-            && metric(&m, "istio_tcp_connections_closed_total", &[("response_flags", "UH")]) == 1.0
+            && metric(&m, "crossgate_upstream_cx_none_healthy_total", &[("cluster", v4)]) == 1.0
+            && metric(&m, "istio_tcp_connections_closed_total", &[("response_flags", "UH")]) == 2.0
             && metric(&m, "istio_tcp_connections_closed_total", &[("response_flags", "UO")]) == 1.0
     })
     .await;

@@ -21,14 +21,15 @@ const POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read resources file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("resources file {path} is not valid crossgate.discovery.v1.Resources: {source}")]
-    Parse { path: PathBuf, source: serde_yaml_ng::Error },
-    #[error("resources file {path} was refused, {source}")]
-    Invalid { path: PathBuf, source: InvalidResources },
-    #[error("cannot watch resources file {path}: {source}")]
-    Watch { path: PathBuf, source: notify::Error },
+    // The causes are part of each message (not `source`), so that a log line carries the whole story once.
+    #[error("cannot read resources file {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
+    #[error("resources file {path} is not valid crossgate.discovery.v1.Resources: {error}")]
+    Parse { path: PathBuf, error: serde_yaml_ng::Error },
+    #[error("resources file {path} was refused, {error}")]
+    Invalid { path: PathBuf, error: InvalidResources },
+    #[error("cannot watch resources file {path}: {error}")]
+    Watch { path: PathBuf, error: notify::Error },
 }
 
 /// Parses resources from YAML or JSON text (JSON is YAML).
@@ -52,12 +53,12 @@ impl ResourcesFile {
     /// Reads, validates and applies the file if its content changed. Returns whether it was applied.
     pub fn reload(&mut self) -> Result<bool, FileError> {
         let path = &self.path;
-        let text = std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|error| FileError::Read { path: path.clone(), error })?;
         if self.last_applied.as_deref() == Some(text.as_str()) {
             return Ok(false);
         }
-        let resources = parse(&text).map_err(|source| FileError::Parse { path: path.clone(), source })?;
-        self.store.apply(&resources).map_err(|source| FileError::Invalid { path: path.clone(), source })?;
+        let resources = parse(&text).map_err(|error| FileError::Parse { path: path.clone(), error })?;
+        self.store.apply(&resources).map_err(|error| FileError::Invalid { path: path.clone(), error })?;
         self.last_applied = Some(text);
         Ok(true)
     }
@@ -73,10 +74,10 @@ impl ResourcesFile {
         let mut watcher = notify::recommended_watcher(move |_event| {
             let _ = events.send(());
         })
-        .map_err(|source| FileError::Watch { path: self.path.clone(), source })?;
+        .map_err(|error| FileError::Watch { path: self.path.clone(), error })?;
         watcher
             .watch(&directory, RecursiveMode::NonRecursive)
-            .map_err(|source| FileError::Watch { path: self.path.clone(), source })?;
+            .map_err(|error| FileError::Watch { path: self.path.clone(), error })?;
         let mut poll = tokio::time::interval(POLL);
         loop {
             tokio::select! {

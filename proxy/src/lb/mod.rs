@@ -1,134 +1,52 @@
-//! Endpoint picking for one cluster: which host a new connection goes to.
+//! Endpoint picking for one cluster: which host a new connection goes to, as Envoy does it for an Istio
+//! east-west gateway cluster.
 //!
-//! A [`ClusterLb`] is built off the hot path whenever the configuration changes and is immutable afterwards;
-//! what must outlive a rebuild (open connections per host, for LEAST_REQUEST) lives in [`HostState`],
-//! carried over by address from the previous snapshot.
+//! A pick goes priority → locality → host:
+//!
+//! 1. [`priority`]: Istio's rules put each endpoint in a priority (default failover, `failover`, `failoverPriority`)
+//!    or weight its locality (`distribute`), from the gateway's own locality and labels ([`GatewayIdentity`]).
+//! 2. [`load`]: Envoy's arithmetic turns the priorities' health into traffic shares (overprovisioning factor 1.4,
+//!    panic threshold) and, with locality-weighted lb, localities into weights.
+//! 3. [`policy`]: the algorithm (LEAST_REQUEST, ROUND_ROBIN, RANDOM, RING_HASH, MAGLEV, or a new one) picks a host.
+//! 4. [`outlier`]: connection outcomes reported back eject hosts; an ejected host counts as unhealthy in step 2.
+//!
+//! A [`ClusterLb`] is built off the hot path whenever the configuration changes. What must outlive a rebuild —
+//! open connections and outlier state per host, the ejection sweep schedule — is carried over by address from the
+//! previous one. The health-dependent part (a `View`: loads and host sets) is recomputed only when an ejection
+//! changes; a pick reads it with one atomic load and allocates nothing.
+//!
+//! The gateway's duties: [`ClusterLb::pick`] per connection attempt, [`ClusterLb::report`] with the outcome of each
+//! attempt, and [`ClusterLb::tick`] about once a second so that ejections end on idle clusters too.
 
-use std::collections::{BTreeMap, HashMap};
+mod endpoint;
+pub mod load;
+pub mod outlier;
+pub mod policy;
+pub mod priority;
+mod settings;
+mod view;
+
+use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::str::FromStr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
-use crossgate_proto::{TrafficPolicy, load_balancer_settings};
+use arc_swap::{ArcSwap, Guard};
 use rand::Rng;
 
-/// `region/zone/subzone`; any part may be empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Locality {
-    pub region: String,
-    pub zone: String,
-    pub subzone: String,
-}
+pub use endpoint::{
+    EndpointSpec, GatewayIdentity, Health, Host, HostState, Locality, NETWORK_LABEL, NetworkFailover, REGION_LABEL,
+    SUBZONE_LABEL, ZONE_LABEL,
+};
+pub use outlier::{Outcome, OutlierSettings};
+pub use policy::{PolicyParams, PolicyRef};
+pub use priority::Topology;
+pub use settings::{Distribute, Failover, LbConfigError, LbSettings, LocalitySettings};
 
-impl FromStr for Locality {
-    type Err = LbConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split('/');
-        let mut next = || parts.next().unwrap_or("").to_owned();
-        let locality = Locality { region: next(), zone: next(), subzone: next() };
-        if parts.next().is_some() {
-            return Err(LbConfigError::Locality(s.to_owned()));
-        }
-        Ok(locality)
-    }
-}
-
-impl fmt::Display for Locality {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}/{}", self.region, self.zone, self.subzone)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Health {
-    Healthy,
-    Unhealthy,
-    /// Terminating: keeps its open connections, takes no new ones.
-    Draining,
-}
-
-/// One endpoint as configured: where to connect and what the lb may weigh.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EndpointSpec {
-    pub address: SocketAddr,
-    pub locality: Locality,
-    /// At least 1.
-    pub weight: u32,
-    pub labels: BTreeMap<String, String>,
-    pub health: Health,
-}
-
-/// Per-host state that survives configuration reloads.
-#[derive(Debug, Default)]
-pub struct HostState {
-    active: AtomicU64,
-}
-
-impl HostState {
-    /// Connections currently open to this host.
-    pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
-    }
-}
-
-#[derive(Debug)]
-pub struct Host {
-    pub spec: EndpointSpec,
-    pub state: Arc<HostState>,
-}
-
-/// The pick algorithm (Istio's `loadBalancer.simple`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Power of two choices on open connections; Istio's default for gateway clusters.
-    LeastRequest,
-    RoundRobin,
-    Random,
-}
-
-/// The validated load-balancing part of a cluster's traffic policy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LbSettings {
-    pub algorithm: Algorithm,
-}
-
-impl Default for LbSettings {
-    fn default() -> Self {
-        LbSettings { algorithm: Algorithm::LeastRequest }
-    }
-}
-
-impl LbSettings {
-    pub fn from_policy(policy: Option<&TrafficPolicy>) -> Result<Self, LbConfigError> {
-        use load_balancer_settings::{LbPolicy, SimpleLb};
-        let lb_policy = policy.and_then(|p| p.load_balancer.as_ref()).and_then(|lb| lb.lb_policy.as_ref());
-        let algorithm = match lb_policy {
-            None => Algorithm::LeastRequest,
-            Some(LbPolicy::Simple(value)) => match SimpleLb::try_from(*value) {
-                Ok(SimpleLb::Unspecified | SimpleLb::LeastConn | SimpleLb::LeastRequest) => Algorithm::LeastRequest,
-                Ok(SimpleLb::RoundRobin) => Algorithm::RoundRobin,
-                Ok(SimpleLb::Random) => Algorithm::Random,
-                Ok(SimpleLb::Passthrough) => return Err(LbConfigError::Unsupported("simple: PASSTHROUGH")),
-                Err(_) => return Err(LbConfigError::UnknownSimple(*value)),
-            },
-            Some(LbPolicy::ConsistentHash(_)) => return Err(LbConfigError::Unsupported("consistentHash")),
-        };
-        Ok(LbSettings { algorithm })
-    }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum LbConfigError {
-    #[error("locality {0:?} has more than three '/'-separated parts (region/zone/subzone)")]
-    Locality(String),
-    #[error("loadBalancer.simple {0} is not a known SimpleLB value")]
-    UnknownSimple(i32),
-    #[error("loadBalancer {0} is not supported by an sni-dnat gateway")]
-    Unsupported(&'static str),
-}
+use policy::{Draw, hash_ip};
+use view::View;
 
 /// What the pick may depend on besides the hosts.
 #[derive(Debug, Clone, Copy)]
@@ -152,43 +70,88 @@ impl Drop for Picked {
     }
 }
 
+/// Cluster-wide state carried across rebuilds.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Bumped whenever a host is ejected or un-ejected, so that every live snapshot knows to refresh its view.
+    epoch: AtomicU64,
+    /// Serialises ejections and sweeps (rare), so the max-ejection cap is checked against a stable count.
+    ejections: Mutex<Sweep>,
+}
+
+#[derive(Debug, Default)]
+struct Sweep {
+    /// When the next `interval` sweep is due; set by the first tick.
+    next: Option<Instant>,
+}
+
+/// Metric handles, created once per cluster.
+struct Metrics {
+    ejections_active: metrics::Gauge,
+    ejections_total: metrics::Counter,
+}
+
+impl Metrics {
+    fn new(cluster: &str) -> Self {
+        Metrics {
+            ejections_active: metrics::gauge!("crossgate_outlier_ejections_active", "cluster" => cluster.to_owned()),
+            ejections_total: metrics::counter!("crossgate_outlier_ejections_total", "cluster" => cluster.to_owned()),
+        }
+    }
+}
+
 /// The hosts of one cluster and how to choose among them.
-#[derive(Debug)]
 pub struct ClusterLb {
     hosts: Vec<Host>,
     settings: LbSettings,
-    /// Indices of the hosts that may take new connections, with the running sum of their weights.
-    eligible: Vec<(usize, u64)>,
-    total_weight: u64,
-    round_robin: AtomicUsize,
+    topology: Topology,
+    /// Hosts taking part in balancing: the base of `maxEjectionPercent`.
+    members: usize,
+    shared: Arc<Shared>,
+    view: ArcSwap<View>,
+    metrics: Metrics,
 }
 
 /// Random draws before a retry falls back to a scan for an untried host.
 const RETRY_DRAWS: usize = 4;
 
 impl ClusterLb {
-    /// Builds the lb for `endpoints`, keeping the per-host state of hosts that `previous` already had.
-    pub fn new(endpoints: Vec<EndpointSpec>, settings: LbSettings, previous: Option<&ClusterLb>) -> Self {
+    /// Builds the lb of cluster `cluster` (the metrics label) for `endpoints` as seen from `gateway`, keeping the
+    /// per-host state of hosts that `previous` already had. Endpoint labels get the locality labels added.
+    pub fn new(
+        endpoints: Vec<EndpointSpec>,
+        settings: LbSettings,
+        previous: Option<&ClusterLb>,
+        gateway: &GatewayIdentity,
+        cluster: &str,
+    ) -> Self {
         let previous_state: HashMap<SocketAddr, &Arc<HostState>> =
             previous.map(|lb| lb.hosts.iter().map(|h| (h.spec.address, &h.state)).collect()).unwrap_or_default();
         let hosts: Vec<Host> = endpoints
             .into_iter()
-            .map(|spec| {
+            .map(|mut spec| {
+                spec.locality.augment(&mut spec.labels);
                 let state = previous_state.get(&spec.address).map(|s| Arc::clone(s)).unwrap_or_default();
                 Host { spec, state }
             })
             .collect();
-        let mut total_weight = 0;
-        let eligible = hosts
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.spec.health == Health::Healthy)
-            .map(|(index, h)| {
-                total_weight += u64::from(h.spec.weight.max(1));
-                (index, total_weight)
-            })
-            .collect();
-        ClusterLb { hosts, settings, eligible, total_weight, round_robin: AtomicUsize::new(0) }
+        let specs: Vec<EndpointSpec> = hosts.iter().map(|h| h.spec.clone()).collect();
+        let topology = Topology::new(&specs, gateway, &settings);
+        let shared = previous.map(|p| Arc::clone(&p.shared)).unwrap_or_default();
+        let epoch = shared.epoch.load(Ordering::Acquire);
+        let view = View::new(&hosts, &topology, &settings.policy, settings.panic_threshold, epoch);
+        let metrics = Metrics::new(cluster);
+        let lb = ClusterLb {
+            members: topology.member_count(),
+            hosts,
+            settings,
+            topology,
+            shared,
+            view: ArcSwap::from_pointee(view),
+            metrics,
+        };
+        lb.metrics.ejections_active.set(lb.ejected_count() as f64);
+        lb
     }
 
     pub fn hosts(&self) -> &[Host] {
@@ -199,171 +162,111 @@ impl ClusterLb {
         &self.settings
     }
 
-    /// Hosts that may take new connections.
-    pub fn healthy_count(&self) -> usize {
-        self.eligible.len()
+    /// The priorities and localities the hosts were arranged in.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
     }
 
-    /// Chooses a host for a new connection, or `None` when no untried healthy host remains.
+    /// Hosts that may take new connections: healthy and not ejected.
+    pub fn healthy_count(&self) -> usize {
+        self.current_view().healthy
+    }
+
+    /// Chooses a host for a new connection, or `None` when none may take it (Envoy's "no healthy upstream") or
+    /// every candidate is in `ctx.tried`.
     pub fn pick(&self, ctx: &PickContext<'_>, rng: &mut impl Rng) -> Option<Picked> {
-        if self.total_weight == 0 {
-            return None;
-        }
+        let view = self.current_view();
+        let hashes = self.settings.policy.hashes_source();
+        let source_hash = if hashes { hash_ip(ctx.source) } else { 0 };
+        let mut draw = Draw { rng, source_hash };
         let index = (0..RETRY_DRAWS)
-            .map(|_| self.draw(rng))
+            .map_while(|_| {
+                let point = if hashes { source_hash } else { draw.rng.next_u64() };
+                view.pick(&self.hosts, point, &mut draw)
+            })
             .find(|index| !ctx.tried.contains(index))
-            .or_else(|| self.eligible.iter().map(|(index, _)| *index).find(|i| !ctx.tried.contains(i)))?;
+            .or_else(|| view.first_untried(ctx.tried))?;
         let host = Arc::clone(&self.hosts[index].state);
         host.active.fetch_add(1, Ordering::Relaxed);
         Some(Picked { index, host })
     }
 
-    fn draw(&self, rng: &mut impl Rng) -> usize {
-        match self.settings.algorithm {
-            Algorithm::RoundRobin => {
-                let ticket = self.round_robin.fetch_add(1, Ordering::Relaxed) as u64;
-                self.host_at(ticket % self.total_weight)
+    /// Records how a connection attempt to `hosts()[index]` ended, for outlier detection (a no-op without it).
+    pub fn report(&self, index: usize, outcome: Outcome, now: Instant) {
+        let (Some(od), Some(host)) = (&self.settings.outlier, self.hosts.get(index)) else { return };
+        if od.record(&host.state.outlier, outcome) {
+            let _serial = self.shared.ejections.lock().unwrap_or_else(|e| e.into_inner());
+            if od.eject(&host.state.outlier, self.ejected_count(), self.members, now) {
+                self.metrics.ejections_total.increment(1);
+                self.ejections_changed();
             }
-            Algorithm::Random => self.host_at(rng.random_range(0..self.total_weight)),
-            Algorithm::LeastRequest => {
-                let first = self.host_at(rng.random_range(0..self.total_weight));
-                let second = self.host_at(rng.random_range(0..self.total_weight));
-                if self.hosts[second].state.active() < self.hosts[first].state.active() { second } else { first }
+        }
+        self.tick(now);
+    }
+
+    /// Runs the outlier detector's `interval` sweep when it is due: un-ejects hosts whose time is up and decays
+    /// the multipliers. Cheap when not due; the gateway should call it about once a second.
+    pub fn tick(&self, now: Instant) {
+        let Some(od) = &self.settings.outlier else { return };
+        // A contended lock means another thread is ejecting or sweeping right now.
+        let Ok(mut sweep) = self.shared.ejections.try_lock() else { return };
+        match sweep.next {
+            Some(due) if now >= due => {}
+            Some(_) => return,
+            None => {
+                sweep.next = Some(now + od.interval);
+                return;
             }
+        }
+        sweep.next = Some(now + od.interval);
+        let mut changed = false;
+        for host in &self.hosts {
+            changed |= od.sweep(&host.state.outlier, now);
+        }
+        if changed {
+            self.ejections_changed();
         }
     }
 
-    /// The host whose weight range holds `point` (0 <= point < total weight).
-    fn host_at(&self, point: u64) -> usize {
-        let slot = self.eligible.partition_point(|(_, running)| *running <= point);
-        self.eligible[slot].0
+    fn ejected_count(&self) -> usize {
+        self.hosts.iter().filter(|h| h.state.ejected()).count()
+    }
+
+    /// After an ejection or un-ejection: tell every snapshot, and recompute this one's view now.
+    fn ejections_changed(&self) {
+        self.shared.epoch.fetch_add(1, Ordering::AcqRel);
+        self.metrics.ejections_active.set(self.ejected_count() as f64);
+        self.refresh();
+    }
+
+    fn refresh(&self) {
+        // Read the epoch first: a change racing with the rebuild then leaves a stale epoch, refreshed again later.
+        let epoch = self.shared.epoch.load(Ordering::Acquire);
+        let view = View::new(&self.hosts, &self.topology, &self.settings.policy, self.settings.panic_threshold, epoch);
+        self.view.store(Arc::new(view));
+    }
+
+    /// The view, refreshed first if another snapshot of this cluster changed an ejection.
+    fn current_view(&self) -> Guard<Arc<View>> {
+        let view = self.view.load();
+        if view.epoch == self.shared.epoch.load(Ordering::Acquire) {
+            return view;
+        }
+        drop(view);
+        self.refresh();
+        self.view.load()
+    }
+}
+
+impl fmt::Debug for ClusterLb {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterLb")
+            .field("hosts", &self.hosts)
+            .field("settings", &self.settings)
+            .field("view", &self.view.load())
+            .finish_non_exhaustive()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use rand::SeedableRng;
-    use rand::rngs::SmallRng;
-
-    fn endpoint(port: u16, weight: u32, health: Health) -> EndpointSpec {
-        EndpointSpec {
-            address: SocketAddr::from(([127, 0, 0, 1], port)),
-            locality: Locality::default(),
-            weight,
-            labels: BTreeMap::new(),
-            health,
-        }
-    }
-
-    fn shares(lb: &ClusterLb, picks: usize) -> Vec<usize> {
-        let mut rng = SmallRng::seed_from_u64(7);
-        let mut counts = vec![0; lb.hosts().len()];
-        let ctx = PickContext { source: IpAddr::from([127, 0, 0, 1]), tried: &[] };
-        for _ in 0..picks {
-            counts[lb.pick(&ctx, &mut rng).unwrap().index] += 1;
-        }
-        counts
-    }
-
-    #[test]
-    fn locality_parses_partial_forms() {
-        let l: Locality = "us-east1/us-east1-b".parse().unwrap();
-        assert_eq!((l.region.as_str(), l.zone.as_str(), l.subzone.as_str()), ("us-east1", "us-east1-b", ""));
-        assert_eq!("".parse::<Locality>().unwrap(), Locality::default());
-        assert!("a/b/c/d".parse::<Locality>().is_err());
-    }
-
-    #[test]
-    fn round_robin_follows_weights_exactly() {
-        let settings = LbSettings { algorithm: Algorithm::RoundRobin };
-        let lb = ClusterLb::new(vec![endpoint(1, 1, Health::Healthy), endpoint(2, 3, Health::Healthy)], settings, None);
-        assert_eq!(shares(&lb, 400), vec![100, 300]);
-    }
-
-    #[test]
-    fn unhealthy_and_draining_hosts_get_nothing() {
-        for algorithm in [Algorithm::RoundRobin, Algorithm::Random, Algorithm::LeastRequest] {
-            let endpoints = vec![
-                endpoint(1, 1, Health::Unhealthy),
-                endpoint(2, 1, Health::Healthy),
-                endpoint(3, 1, Health::Draining),
-            ];
-            let lb = ClusterLb::new(endpoints, LbSettings { algorithm }, None);
-            assert_eq!(shares(&lb, 100), vec![0, 100, 0], "{algorithm:?}");
-        }
-    }
-
-    #[test]
-    fn least_request_prefers_idle_hosts() {
-        let lb = ClusterLb::new(
-            vec![endpoint(1, 1, Health::Healthy), endpoint(2, 1, Health::Healthy)],
-            LbSettings::default(),
-            None,
-        );
-        let mut rng = SmallRng::seed_from_u64(1);
-        let ctx = PickContext { source: IpAddr::from([127, 0, 0, 1]), tried: &[] };
-        // Hold every pick open: the two hosts must stay within one connection of each other.
-        let held: Vec<Picked> = (0..100).map(|_| lb.pick(&ctx, &mut rng).unwrap()).collect();
-        let (a, b) = (lb.hosts()[0].state.active(), lb.hosts()[1].state.active());
-        assert_eq!(a + b, 100);
-        assert!(a.abs_diff(b) <= 1, "{a} vs {b}");
-        drop(held);
-        assert_eq!(lb.hosts()[0].state.active() + lb.hosts()[1].state.active(), 0);
-    }
-
-    #[test]
-    fn retry_avoids_tried_hosts_and_ends() {
-        let lb = ClusterLb::new(
-            vec![endpoint(1, 1, Health::Healthy), endpoint(2, 100, Health::Healthy)],
-            LbSettings::default(),
-            None,
-        );
-        let mut rng = SmallRng::seed_from_u64(3);
-        let source = IpAddr::from([127, 0, 0, 1]);
-        let picked = lb.pick(&PickContext { source, tried: &[1] }, &mut rng).unwrap();
-        assert_eq!(picked.index, 0);
-        assert!(lb.pick(&PickContext { source, tried: &[0, 1] }, &mut rng).is_none());
-    }
-
-    #[test]
-    fn host_state_survives_rebuild() {
-        let lb = ClusterLb::new(vec![endpoint(1, 1, Health::Healthy)], LbSettings::default(), None);
-        let mut rng = SmallRng::seed_from_u64(3);
-        let held = lb.pick(&PickContext { source: IpAddr::from([127, 0, 0, 1]), tried: &[] }, &mut rng).unwrap();
-        let rebuilt = ClusterLb::new(
-            vec![endpoint(2, 1, Health::Healthy), endpoint(1, 5, Health::Healthy)],
-            LbSettings::default(),
-            Some(&lb),
-        );
-        assert_eq!(rebuilt.hosts()[1].state.active(), 1);
-        assert_eq!(rebuilt.hosts()[0].state.active(), 0);
-        drop(held);
-        assert_eq!(rebuilt.hosts()[1].state.active(), 0);
-    }
-
-    #[test]
-    fn policy_mapping_follows_istio() {
-        use crossgate_proto::{
-            LoadBalancerSettings,
-            load_balancer_settings::{LbPolicy, SimpleLb},
-        };
-        let policy = |simple: SimpleLb| TrafficPolicy {
-            load_balancer: Some(LoadBalancerSettings {
-                lb_policy: Some(LbPolicy::Simple(simple as i32)),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        assert_eq!(LbSettings::from_policy(None).unwrap().algorithm, Algorithm::LeastRequest);
-        assert_eq!(
-            LbSettings::from_policy(Some(&policy(SimpleLb::LeastConn))).unwrap().algorithm,
-            Algorithm::LeastRequest
-        );
-        assert_eq!(
-            LbSettings::from_policy(Some(&policy(SimpleLb::RoundRobin))).unwrap().algorithm,
-            Algorithm::RoundRobin
-        );
-        assert!(LbSettings::from_policy(Some(&policy(SimpleLb::Passthrough))).is_err());
-    }
-}
+mod tests;
