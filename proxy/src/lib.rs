@@ -2,3 +2,4 @@
 //! mTLS ClientHello on :15443 and passes the still-encrypted connection to a local endpoint of that service.
 
 pub mod lb;
+pub mod tls;
