@@ -226,7 +226,8 @@ impl GatewayConfig {
     /// Who this gateway is, for locality-aware balancing: its locality, and its labels with the network and
     /// cluster added as Istio adds them.
     pub fn gateway_identity(&self) -> Result<GatewayIdentity, ConfigError> {
-        let locality: Locality = self.locality.parse().map_err(|e: LbConfigError| ConfigError::Locality(e.to_string()))?;
+        let locality: Locality =
+            self.locality.parse().map_err(|e: LbConfigError| ConfigError::Locality(e.to_string()))?;
         let mut labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
         if !self.network.is_empty() {
             labels.insert(NETWORK_LABEL.to_owned(), self.network.clone());
@@ -293,8 +294,18 @@ mod tests {
 
     #[test]
     fn identity_carries_network_cluster_and_locality() {
-        let config = parse(&["--network", "network1", "--cluster-id", "cluster1", "--locality", "us-east1/us-east1-b",
-            "--label", "a=1,b=2", "--istio-version", "1.30"]);
+        let config = parse(&[
+            "--network",
+            "network1",
+            "--cluster-id",
+            "cluster1",
+            "--locality",
+            "us-east1/us-east1-b",
+            "--label",
+            "a=1,b=2",
+            "--istio-version",
+            "1.30",
+        ]);
         let identity = config.gateway_identity().unwrap();
         assert_eq!(identity.labels["topology.istio.io/network"], "network1");
         assert_eq!(identity.labels["topology.istio.io/cluster"], "cluster1");

@@ -131,7 +131,8 @@ fn hello_reject(error: &HelloError) -> RejectReason {
     match error {
         HelloError::NotTls => RejectReason::NotTls,
         HelloError::NotClientHello => RejectReason::NotClientHello,
-        _ => RejectReason::MalformedHello,
+        HelloError::TooLarge => RejectReason::HelloTooLarge,
+        HelloError::Malformed(_) => RejectReason::MalformedHello,
     }
 }
 

@@ -1,1 +1,3 @@
+//! TLS, read but never terminated: the gateway only looks at the ClientHello to route the connection.
+
 pub mod hello;
