@@ -432,67 +432,47 @@ async fn idle_tunnels_time_out() {
     assert_eq!(metric(&m, "crossgate_upstream_cx_idle_timeout_total", &[("cluster", SNI)]), 1.0);
 }
 
-/// A plain TCP upstream standing in for a workload that resets: it accepts one connection and hands it over.
-async fn raw_upstream() -> (SocketAddr, tokio::sync::oneshot::Receiver<TcpStream>) {
+/// A client that sent a real sidecar ClientHello through the gateway, and the plain TCP upstream that received
+/// it (standing in for a workload, so that the test controls its resets and FINs).
+async fn raw_tunnel(mesh: &Mesh) -> (TestGateway, TcpStream, TcpStream) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    let (sender, receiver) = tokio::sync::oneshot::channel();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let _ = sender.send(stream);
-    });
-    (address, receiver)
+    let gateway = TestGateway::start(&resources(&[listener.local_addr().unwrap()], ""), &[]).await;
+    let mut client = TcpStream::connect(gateway.listen).await.unwrap();
+    let hello = workload::client_hello(&mesh.client, SNI, &SIDECAR_ALPN);
+    client.write_all(&hello).await.unwrap();
+    let (mut upstream, _) = listener.accept().await.unwrap();
+    let mut forwarded = vec![0u8; hello.len()];
+    upstream.read_exact(&mut forwarded).await.unwrap();
+    assert_eq!(forwarded, hello, "the hello is forwarded as it came");
+    (gateway, client, upstream)
+}
+
+async fn read_error(stream: &mut TcpStream) -> Result<usize, std::io::ErrorKind> {
+    let mut buf = [0u8; 16];
+    tokio::time::timeout(WITHIN, stream.read(&mut buf)).await.unwrap().map_err(|e| e.kind())
 }
 
 #[tokio::test]
 async fn an_upstream_reset_resets_the_client() {
-    let mesh = mesh();
-    let (address, accepted) = raw_upstream().await;
-    let gateway = TestGateway::start(&resources(&[address], ""), &[]).await;
-    let mut client = TcpStream::connect(gateway.listen).await.unwrap();
-    let hello = workload::client_hello(&mesh.client, SNI, &SIDECAR_ALPN);
-    client.write_all(&hello).await.unwrap();
-    let mut upstream = accepted.await.unwrap();
-    let mut forwarded = vec![0u8; hello.len()];
-    upstream.read_exact(&mut forwarded).await.unwrap();
-    assert_eq!(forwarded, hello, "the hello is forwarded as it came");
+    let (_gateway, mut client, upstream) = raw_tunnel(&mesh()).await;
     upstream.set_zero_linger().unwrap();
     drop(upstream);
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(WITHIN, client.read(&mut buf)).await.unwrap();
-    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(read_error(&mut client).await, Err(std::io::ErrorKind::ConnectionReset));
 }
 
 #[tokio::test]
 async fn a_client_reset_resets_the_upstream() {
-    let mesh = mesh();
-    let (address, accepted) = raw_upstream().await;
-    let gateway = TestGateway::start(&resources(&[address], ""), &[]).await;
-    let mut client = TcpStream::connect(gateway.listen).await.unwrap();
-    let hello = workload::client_hello(&mesh.client, SNI, &SIDECAR_ALPN);
-    client.write_all(&hello).await.unwrap();
-    let mut upstream = accepted.await.unwrap();
-    let mut forwarded = vec![0u8; hello.len()];
-    upstream.read_exact(&mut forwarded).await.unwrap();
+    let (_gateway, client, mut upstream) = raw_tunnel(&mesh()).await;
     client.set_zero_linger().unwrap();
     drop(client);
-    let mut buf = [0u8; 16];
-    let read = tokio::time::timeout(WITHIN, upstream.read(&mut buf)).await.unwrap();
-    assert_eq!(read.map_err(|e| e.kind()), Err(std::io::ErrorKind::ConnectionReset));
+    assert_eq!(read_error(&mut upstream).await, Err(std::io::ErrorKind::ConnectionReset));
 }
 
 #[tokio::test]
 async fn a_client_half_close_reaches_the_upstream_as_eof() {
-    let mesh = mesh();
-    let (address, accepted) = raw_upstream().await;
-    let gateway = TestGateway::start(&resources(&[address], ""), &[]).await;
-    let mut client = TcpStream::connect(gateway.listen).await.unwrap();
-    let hello = workload::client_hello(&mesh.client, SNI, &SIDECAR_ALPN);
-    client.write_all(&hello).await.unwrap();
+    let (_gateway, mut client, mut upstream) = raw_tunnel(&mesh()).await;
     client.shutdown().await.unwrap();
-    let mut upstream = accepted.await.unwrap();
-    let forwarded = workload::read_to_end(&mut upstream).await.unwrap();
-    assert_eq!(forwarded, hello, "EOF after the hello");
+    assert_eq!(read_error(&mut upstream).await, Ok(0), "EOF after the hello");
     // The other direction is still open.
     upstream.write_all(b"late answer").await.unwrap();
     upstream.shutdown().await.unwrap();

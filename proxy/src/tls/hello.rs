@@ -489,6 +489,32 @@ impl SeenTypes {
     }
 }
 
+/// Panics unless `parse`'s answers on `data` hold together: a complete hello lies within the input and the
+/// cap and parses the same from its own bytes; its SNI and ALPN are well formed; "need more" only below the
+/// cap; and each prefix at `cuts` needs more or already gives the final answer. Shared by the fuzz target
+/// (`proxy/fuzz`) and the seeded mutation test that stands in for it in CI.
+#[doc(hidden)]
+pub fn check_invariants(data: &[u8], cuts: impl IntoIterator<Item = usize>) {
+    let full = parse(data);
+    match &full {
+        Ok(Parse::Complete(hello)) => {
+            assert!(hello.consumed() <= data.len().min(MAX_HELLO_BYTES));
+            assert_eq!(parse(&data[..hello.consumed()]), full, "the hello's own bytes give the same hello");
+            if let Some(name) = hello.server_name() {
+                assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()));
+            }
+            assert!(hello.alpn_protocols().all(|p| !p.is_empty()));
+        }
+        Ok(Parse::NeedMore) => assert!(data.len() < MAX_HELLO_BYTES, "NeedMore past the cap"),
+        Err(_) => {}
+    }
+    for cut in cuts {
+        let cut = cut.min(data.len());
+        let prefix = parse(&data[..cut]);
+        assert!(prefix == Ok(Parse::NeedMore) || prefix == full, "prefix {cut}: {prefix:?} vs full {full:?}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -944,29 +970,6 @@ mod tests {
         assert_eq!(HelloError::TooLarge.reason(), "hello_too_large");
     }
 
-    /// The properties the fuzz target (`proxy/fuzz/fuzz_targets/hello.rs`) checks, on one input.
-    fn check_invariants(data: &[u8], rng: &mut SmallRng) {
-        let full = parse(data);
-        match &full {
-            Ok(Parse::Complete(hello)) => {
-                assert!(hello.consumed() <= data.len().min(MAX_HELLO_BYTES));
-                assert_eq!(parse(&data[..hello.consumed()]), full, "the hello's own bytes give the same hello");
-                if let Some(name) = hello.server_name() {
-                    assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()));
-                }
-                assert!(hello.alpn_protocols().all(|p| !p.is_empty()));
-            }
-            Ok(Parse::NeedMore) => assert!(data.len() < MAX_HELLO_BYTES, "NeedMore past the cap"),
-            Err(_) => {}
-        }
-        // A prefix needs more or already gives the final answer.
-        for _ in 0..3 {
-            let cut = rng.random_range(0..=data.len());
-            let prefix = parse(&data[..cut]);
-            assert!(prefix == Ok(Parse::NeedMore) || prefix == full, "prefix {cut}: {prefix:?} vs full {full:?}");
-        }
-    }
-
     /// Runs in CI in place of the fuzzer, which needs nightly: seeded mutations of the real vectors.
     #[test]
     fn mutated_vectors_never_panic_and_keep_the_invariants() {
@@ -1000,7 +1003,8 @@ mod tests {
                     }
                 }
             }
-            check_invariants(&data, &mut rng);
+            let cuts: Vec<usize> = (0..3).map(|_| rng.random_range(0..=data.len())).collect();
+            check_invariants(&data, cuts);
         }
     }
 }
