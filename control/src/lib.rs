@@ -2,6 +2,7 @@
 //! the endpoints it may route to.
 
 pub mod model;
+pub mod sources;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake_kube;
