@@ -2,6 +2,8 @@
 //! the endpoints it may route to.
 
 pub mod model;
+pub mod sources;
+pub mod views;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake_kube;

@@ -1,0 +1,3 @@
+//! Where the mesh model comes from.
+
+pub mod file;
