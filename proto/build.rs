@@ -15,7 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.protobuf", "::pbjson_types")
         // Durations accept Go's syntax too (300ms, 5m), as Istio's YAML does.
         .extern_path(".google.protobuf.Duration", "crate::duration::Duration")
+        // Ordered maps encode deterministically, so equal resources have equal bytes (the control service
+        // versions clusters by a hash of their encoding).
+        .btree_map(".")
         .compile_fds(descriptors.clone())?;
-    pbjson_build::Builder::new().register_descriptors(&descriptors.encode_to_vec())?.build(&[".crossgate"])?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&descriptors.encode_to_vec())?
+        .btree_map(["."])
+        .build(&[".crossgate"])?;
     Ok(())
 }

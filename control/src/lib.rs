@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod sources;
+pub mod views;
 
 #[cfg(any(test, feature = "testing"))]
 pub mod fake_kube;

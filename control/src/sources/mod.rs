@@ -1,3 +1,4 @@
-//! Where the mesh model comes from.
+//! Where the mesh comes from: every source produces `ClusterModel`s (see `crate::model`).
 
+pub mod file;
 pub mod kube;

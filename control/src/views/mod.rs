@@ -1,0 +1,224 @@
+//! What one gateway sees: the sni-dnat clusters istiod would build for an `istio-eastwestgateway`
+//! (`buildOutboundSniDnatClusters`) with the endpoints its EDS would send (`filterIstioEndpoint`), as
+//! crossgate resources, plus the diff against what the gateway already holds.
+
+mod diff;
+mod rules;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use crossgate_proto::{Cluster, Endpoint, Node, endpoint::Health};
+
+pub use diff::{Delta, cluster_version, diff};
+use rules::{RuleLookup, merge_policy};
+
+use crate::model::{ClusterModel, EndpointModel, MeshModel, Protocol, ServiceModel};
+
+/// The pod label that marks a workload able to take Istio mTLS.
+const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
+
+/// The settings of the control plane a view depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ViewOptions {
+    /// The cluster DNS domain (istiod `DOMAIN_SUFFIX`).
+    pub domain_suffix: String,
+    /// The namespace the gateways run in: whose DestinationRules they see first, and the one `exportTo`
+    /// lists are checked against.
+    pub gateway_namespace: String,
+    /// meshConfig `rootNamespace`: its exported DestinationRules apply mesh-wide.
+    pub root_namespace: String,
+}
+
+impl Default for ViewOptions {
+    fn default() -> Self {
+        ViewOptions {
+            domain_suffix: "cluster.local".to_owned(),
+            gateway_namespace: "istio-system".to_owned(),
+            root_namespace: "istio-system".to_owned(),
+        }
+    }
+}
+
+/// The clusters one gateway may route to, by name: one per service hostname and non-UDP port, and one per
+/// subset of the DestinationRule the gateway sees for it. A hostname defined in several clusters is one
+/// service, its endpoints merged. Clusters without endpoints are kept, so that the gateway refuses their
+/// connections with UH, as Envoy does.
+pub fn gateway_view(mesh: &MeshModel, gateway: &Node, options: &ViewOptions) -> BTreeMap<String, Cluster> {
+    let own_rules = mesh.clusters.get(&gateway.cluster_id).map_or(&[][..], |c| c.destination_rules.as_slice());
+    let rules = RuleLookup::new(own_rules, options);
+    let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
+    for cluster in mesh.clusters.values() {
+        for service in &cluster.services {
+            services.entry(&service.hostname).or_default().push((cluster, service));
+        }
+    }
+    let mut view = BTreeMap::new();
+    for (host, instances) in services {
+        add_service(&mut view, host, &instances, gateway, &rules, options);
+    }
+    view
+}
+
+/// Adds the clusters of one service hostname, defined in one or more clusters of the mesh.
+fn add_service(
+    view: &mut BTreeMap<String, Cluster>,
+    host: &str,
+    instances: &[(&ClusterModel, &ServiceModel)],
+    gateway: &Node,
+    rules: &RuleLookup<'_>,
+    options: &ViewOptions,
+) {
+    let (_, service) = instances[0];
+    let mut ports: Vec<u16> =
+        instances.iter().flat_map(|(_, s)| &s.ports).filter(|p| p.protocol != Protocol::Udp).map(|p| p.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    let cluster_local = is_cluster_local(host, &options.domain_suffix);
+    let mut candidates: Vec<Candidate> = instances
+        .iter()
+        .filter(|(cluster, _)| !cluster_local || cluster.id == gateway.cluster_id)
+        .flat_map(|&(cluster, service)| {
+            service.endpoints.iter().filter_map(move |e| Candidate::new(e, cluster, service, gateway))
+        })
+        .collect();
+    candidates.sort_by(|a, b| a.order().cmp(&b.order()));
+    let rule = rules.lookup(host, &service.namespace);
+    let default_subset = ("", None, rule.and_then(|r| r.traffic_policy).cloned());
+    let subsets = rule.into_iter().flat_map(|rule| {
+        rule.subsets
+            .iter()
+            .map(|s| (s.name.as_str(), Some(&s.labels), merge_policy(rule.traffic_policy, s.traffic_policy.as_ref())))
+    });
+    for (subset, labels, traffic_policy) in std::iter::once(default_subset).chain(subsets) {
+        for &port in &ports {
+            let endpoints = candidates
+                .iter()
+                .filter(|c| labels.is_none_or(|wanted| wanted.iter().all(|(k, v)| c.labels.get(k) == Some(v))))
+                .filter_map(|c| c.endpoint_for(port))
+                .collect();
+            let name = format!("outbound_.{port}_.{subset}_.{host}");
+            let cluster = Cluster {
+                name: name.clone(),
+                service_name: service.name.clone(),
+                service_namespace: service.namespace.clone(),
+                traffic_policy: traffic_policy.clone(),
+                endpoints,
+            };
+            view.insert(name, cluster);
+        }
+    }
+}
+
+/// An endpoint of a service that passed the filters every cluster of it applies.
+struct Candidate<'a> {
+    endpoint: &'a EndpointModel,
+    cluster: &'a ClusterModel,
+    health: Health,
+    /// The pod labels augmented as Istio does: what subsets select on and failoverPriority compares.
+    labels: BTreeMap<String, String>,
+    workload_name: String,
+}
+
+impl<'a> Candidate<'a> {
+    /// The endpoint if the gateway may see it: on its network view, mTLS-capable, and ready (or draining, or
+    /// of a service that publishes not-ready addresses).
+    fn new(
+        endpoint: &'a EndpointModel,
+        cluster: &'a ClusterModel,
+        service: &ServiceModel,
+        gateway: &Node,
+    ) -> Option<Self> {
+        let view = &gateway.requested_network_view;
+        // Istio always adds the undefined network to a requested view.
+        let on_view = view.is_empty() || endpoint.network.is_empty() || view.contains(&endpoint.network);
+        let mtls = endpoint.labels.get(TLS_MODE_LABEL).is_some_and(|mode| mode == "istio");
+        let health = if endpoint.ready {
+            Health::Healthy
+        } else if endpoint.terminating {
+            Health::Draining
+        } else if service.publish_not_ready {
+            Health::Healthy
+        } else {
+            return None;
+        };
+        (on_view && mtls).then(|| Candidate {
+            endpoint,
+            cluster,
+            health,
+            labels: augment_labels(endpoint, &cluster.id),
+            workload_name: workload_name(&endpoint.workload_name, &endpoint.labels),
+        })
+    }
+
+    /// Endpoints are sent in address order; the rest of the key only makes the order total.
+    fn order(&self) -> (IpAddr, &str, &BTreeMap<u16, u16>, &str) {
+        (self.endpoint.address, &self.cluster.id, &self.endpoint.target_ports, &self.endpoint.workload_name)
+    }
+
+    /// The resource for one Service port, if the endpoint serves it.
+    fn endpoint_for(&self, port: u16) -> Option<Endpoint> {
+        let target_port = *self.endpoint.target_ports.get(&port)?;
+        Some(Endpoint {
+            address: SocketAddr::new(self.endpoint.address, target_port).to_string(),
+            locality: self.endpoint.locality.clone(),
+            weight: 1,
+            labels: self.labels.clone(),
+            health: self.health as i32,
+            cluster_id: self.cluster.id.clone(),
+            workload_name: self.workload_name.clone(),
+        })
+    }
+}
+
+/// Istio's `AugmentLabels`: the pod labels plus the topology labels, each only when known; a pod's own
+/// network label is kept.
+fn augment_labels(endpoint: &EndpointModel, cluster_id: &str) -> BTreeMap<String, String> {
+    let mut labels = endpoint.labels.clone();
+    let mut parts = endpoint.locality.split('/');
+    let (region, zone, subzone) = (parts.next(), parts.next(), parts.next());
+    let topology = [
+        ("topology.kubernetes.io/region", region.unwrap_or_default()),
+        ("topology.kubernetes.io/zone", zone.unwrap_or_default()),
+        ("topology.istio.io/subzone", subzone.unwrap_or_default()),
+        ("topology.istio.io/cluster", cluster_id),
+        ("kubernetes.io/hostname", &endpoint.node_name),
+    ];
+    for (key, value) in topology.into_iter().filter(|(_, value)| !value.is_empty()) {
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    if !endpoint.network.is_empty() {
+        labels.entry("topology.istio.io/network".to_owned()).or_insert_with(|| endpoint.network.clone());
+    }
+    labels
+}
+
+/// Istio's destination_workload is the pod's owner (`GetDeployMetaFromPod`). The model carries the pod name
+/// only, so the owner is recovered from the names and labels its controller gives the pod.
+fn workload_name(pod: &str, labels: &BTreeMap<String, String>) -> String {
+    // A Deployment's pod is `<deployment>-<pod-template-hash>-<suffix>`.
+    if let Some(hash) = labels.get("pod-template-hash")
+        && let Some(at) = pod.rfind(&format!("-{hash}-"))
+    {
+        return pod[..at].to_owned();
+    }
+    // A StatefulSet's pod is `<statefulset>-<ordinal>`.
+    if labels.get("statefulset.kubernetes.io/pod-name").is_some_and(|name| name == pod)
+        && let Some((set, ordinal)) = pod.rsplit_once('-')
+        && ordinal.parse::<u32>().is_ok()
+    {
+        return set.to_owned();
+    }
+    pod.to_owned()
+}
+
+/// Istio's default cluster-local hosts (`meshConfig.serviceSettings`): only the gateway's own cluster's
+/// endpoints are used for them.
+fn is_cluster_local(host: &str, domain: &str) -> bool {
+    host.strip_suffix(domain)
+        .and_then(|rest| rest.strip_suffix(".svc."))
+        .is_some_and(|service| service == "kubernetes.default" || service.ends_with(".kube-system"))
+}
+
+#[cfg(test)]
+mod tests;
