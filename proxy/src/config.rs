@@ -47,8 +47,36 @@ pub struct GatewayConfig {
 
     /// A static resources file (YAML or JSON form of crossgate.discovery.v1.Resources), reloaded when it
     /// changes.
-    #[arg(long, env = "CROSSGATE_RESOURCES")]
+    #[arg(long, env = "CROSSGATE_RESOURCES", conflicts_with = "xds")]
     pub resources: Option<PathBuf>,
+
+    /// The control service's delta discovery stream, `http://host:15010` (or `https://` for TLS). The gateway
+    /// is ready once its first configuration is accepted.
+    #[arg(long, env = "CROSSGATE_XDS")]
+    pub xds: Option<String>,
+
+    /// CA bundle (PEM) that the control service's certificate must chain to; `https://` URLs need it.
+    #[arg(long, env = "CROSSGATE_XDS_CA", requires = "xds")]
+    pub xds_ca: Option<PathBuf>,
+
+    /// The gateway's client certificate (PEM) for mTLS to the control service.
+    #[arg(long, env = "CROSSGATE_XDS_CERT", requires = "xds_key")]
+    pub xds_cert: Option<PathBuf>,
+
+    #[arg(long, env = "CROSSGATE_XDS_KEY", requires = "xds_cert")]
+    pub xds_key: Option<PathBuf>,
+
+    /// The name in the control service's certificate, when not the URL's host.
+    #[arg(long, env = "CROSSGATE_XDS_SERVER_NAME")]
+    pub xds_server_name: Option<String>,
+
+    /// This gateway's name in the control service (defaults to the host name, i.e. the pod name).
+    #[arg(long, env = "CROSSGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Networks whose endpoints this gateway may route to (comma-separated); Istio sets the gateway's own.
+    #[arg(long, env = "ISTIO_META_REQUESTED_NETWORK_VIEW", value_delimiter = ',')]
+    pub requested_network_view: Vec<String>,
 
     /// The Kubernetes cluster this gateway runs in (Istio's CLUSTER_ID; the `topology.istio.io/cluster` label).
     #[arg(long, env = "ISTIO_META_CLUSTER_ID", default_value = "Kubernetes")]
@@ -75,6 +103,11 @@ pub struct GatewayConfig {
     /// see proxy/src/lb/policy).
     #[arg(long, env = "CROSSGATE_LB_POLICY")]
     pub lb_policy: Option<String>,
+
+    /// Pass every TLS connection on a port to one upstream, as Istio's `expose-istiod` does for istiod:
+    /// `15012=istiod.istio-system.svc:15012,15017=istiod.istio-system.svc:443`. Off by default.
+    #[arg(long, env = "CROSSGATE_ISTIOD_PASSTHROUGH", value_delimiter = ',', value_parser = parse_passthrough)]
+    pub istiod_passthrough: Vec<PassthroughRoute>,
 
     /// Data-plane worker threads; defaults to the number of cores.
     #[arg(long, env = "CROSSGATE_WORKERS")]
@@ -138,7 +171,7 @@ pub struct GatewayConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ConfigError {
-    #[error("no configuration source: give --resources FILE")]
+    #[error("no configuration source: give --resources FILE or --xds URL")]
     NoSource,
     #[error("--workers must be at least 1")]
     NoWorkers,
@@ -156,6 +189,25 @@ pub enum ConfigError {
     Locality(String),
     #[error("--istio-version: {0}")]
     IstioVersion(String),
+}
+
+/// One `--istiod-passthrough` entry: a listening port and the `host:port` it passes to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PassthroughRoute {
+    pub port: u16,
+    pub upstream: String,
+}
+
+fn parse_passthrough(text: &str) -> Result<PassthroughRoute, String> {
+    let problem = || format!("{text:?} is not PORT=HOST:PORT");
+    let (port, upstream) = text.split_once('=').ok_or_else(problem)?;
+    let port = port.parse().map_err(|_| problem())?;
+    match upstream.rsplit_once(':') {
+        Some((host, upstream_port)) if !host.is_empty() && upstream_port.parse::<u16>().is_ok() => {
+            Ok(PassthroughRoute { port, upstream: upstream.to_owned() })
+        }
+        _ => Err(problem()),
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -186,7 +238,7 @@ impl GatewayConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.resources.is_none() {
+        if self.resources.is_none() && self.xds.is_none() {
             return Err(ConfigError::NoSource);
         }
         if self.workers == Some(0) {
@@ -290,6 +342,13 @@ mod tests {
         assert!(parse(&["--locality", "a/b/c/d"]).validate().unwrap_err().to_string().contains("--locality"));
         assert!(parse(&["--istio-version", "1.29"]).validate().is_err());
         assert!(GatewayConfig::from_flags(["--resources", "r.yaml", "--label", "novalue"]).is_err());
+        assert!(GatewayConfig::from_flags(["--resources", "r.yaml", "--istiod-passthrough", "15012=istiod"]).is_err());
+        let config =
+            parse(&["--istiod-passthrough", "15012=istiod.istio-system.svc:15012,15017=istiod.istio-system.svc:443"]);
+        assert_eq!(
+            config.istiod_passthrough[1],
+            PassthroughRoute { port: 15017, upstream: "istiod.istio-system.svc:443".into() }
+        );
     }
 
     #[test]

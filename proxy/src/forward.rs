@@ -90,7 +90,7 @@ pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize
     }
 }
 
-async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
+pub async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     socket.set_nodelay(true)?;
     SockRef::from(&socket).set_tcp_keepalive(

@@ -10,13 +10,15 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminAddresses, AdminState, Port};
-use crate::config::GatewayConfig;
+use crate::config::{ConfigError, GatewayConfig};
 use crate::discovery::ConfigStore;
 use crate::discovery::file::ResourcesFile;
+use crate::discovery::xds::{Backoff, XdsClient, XdsSettings, XdsTls};
 use crate::drain::{self, ConnectionCount, Drain, DrainTiming, Phase};
-use crate::listener::{self, Shared};
+use crate::listener::{self, Limits, Passthrough, Routing, Shared};
 use crate::metrics::{ListenerMetrics, Telemetry};
 use crate::route::ClusterDefaults;
+use crossgate_proto::Node;
 
 /// How long `run` waits, once tunnels are told to close, for their tasks to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -27,11 +29,20 @@ const OUTLIER_SWEEP: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub struct Gateway {
     listener: TcpListener,
+    /// The istiod passthrough listeners, each with what its connections share.
+    passthrough: Vec<(TcpListener, Arc<Shared>)>,
     side_doors: [(std::net::TcpListener, Port); 3],
     shared: Arc<Shared>,
     admin: Arc<AdminState>,
-    resources: ResourcesFile,
+    source: Source,
     timing: DrainTiming,
+}
+
+/// Where the configuration comes from.
+#[derive(Debug)]
+enum Source {
+    File(ResourcesFile),
+    Xds(Box<XdsClient>),
 }
 
 /// Controls a running gateway from outside (signal handlers, tests).
@@ -70,10 +81,20 @@ impl Gateway {
             gateway: config.gateway_identity()?,
             lb_policy: config.lb_policy.clone(),
         };
-        let store = Arc::new(ConfigStore::new(defaults, Arc::clone(&telemetry), "file"));
-        let path = config.resources.as_deref().ok_or(crate::config::ConfigError::NoSource)?;
-        let mut resources = ResourcesFile::new(path, Arc::clone(&store));
-        resources.reload()?;
+        let source_name = if config.xds.is_some() { "xds" } else { "file" };
+        let store = Arc::new(ConfigStore::new(defaults, Arc::clone(&telemetry), source_name));
+        let source = match (&config.resources, &config.xds) {
+            (Some(path), _) => {
+                let mut file = ResourcesFile::new(path, Arc::clone(&store));
+                file.reload()?;
+                Source::File(file)
+            }
+            (None, Some(url)) => {
+                let settings = xds_settings(&config, url)?;
+                Source::Xds(Box::new(telemetry.register(|| XdsClient::new(settings, Arc::clone(&store)))?))
+            }
+            (None, None) => return Err(ConfigError::NoSource.into()),
+        };
 
         let listener =
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -91,15 +112,37 @@ impl Gateway {
         let listener_name = format!("{}_{}", config.listen.ip(), config.listen.port());
         let drain = Drain::default();
         let shared = Arc::new(Shared {
-            store: Arc::clone(&store),
+            routing: Routing::Sni(Arc::clone(&store)),
             metrics: telemetry.register(|| ListenerMetrics::new(&listener_name)),
             connections: Arc::default(),
             drain: drain.clone(),
-            hello_timeout: config.hello_timeout.0,
-            connect_attempts: config.connect_attempts,
-            max_downstream_connections: config.max_downstream_connections,
-            keepalive: config.keepalive(),
+            limits: Limits {
+                hello_timeout: config.hello_timeout.0,
+                connect_attempts: config.connect_attempts,
+                max_downstream_connections: config.max_downstream_connections,
+                keepalive: config.keepalive(),
+            },
         });
+        let mut passthrough = Vec::new();
+        for route in &config.istiod_passthrough {
+            let address = SocketAddr::new(config.listen.ip(), route.port);
+            let listener = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (istiod passthrough)"))?;
+            let name = format!("{}_{}", address.ip(), route.port);
+            let routing = telemetry.register(|| {
+                Routing::Passthrough(Passthrough::new(
+                    &route.upstream,
+                    &name,
+                    config.connect_timeout.0,
+                    config.idle_timeout(),
+                ))
+            });
+            let metrics = telemetry.register(|| ListenerMetrics::new(&name));
+            let connections = Arc::clone(&shared.connections);
+            let (drain, limits) = (drain.clone(), shared.limits);
+            passthrough.push((listener, Arc::new(Shared { routing, metrics, connections, drain, limits })));
+        }
         let timing = DrainTiming {
             drain_duration: config.drain_duration.0,
             termination_grace: config.termination_grace.0,
@@ -107,7 +150,7 @@ impl Gateway {
             minimum_drain_duration: config.minimum_drain_duration.0,
         };
         let admin = Arc::new(AdminState { store, telemetry, drain, listening: Default::default(), config });
-        Ok(Gateway { listener, side_doors, shared, admin, resources, timing })
+        Ok(Gateway { listener, passthrough, side_doors, shared, admin, source, timing })
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -123,7 +166,7 @@ impl Gateway {
         GatewayHandle {
             drain: self.shared.drain.clone(),
             connections: Arc::clone(&self.shared.connections),
-            store: Arc::clone(&self.shared.store),
+            store: Arc::clone(&self.admin.store),
             telemetry: Arc::clone(&self.admin.telemetry),
             timing: self.timing,
         }
@@ -131,21 +174,69 @@ impl Gateway {
 
     /// Runs until shutdown (through a [`GatewayHandle`]) has terminated the gateway.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Gateway { listener, side_doors, shared, admin, resources, timing: _ } = self;
+        let Gateway { listener, passthrough, side_doors, shared, admin, source, timing: _ } = self;
+        for (listener, shared) in passthrough {
+            tokio::spawn(listener::accept_loop(listener, shared));
+        }
         let side_thread = spawn_side_doors(side_doors, Arc::clone(&admin))?;
         let drain = shared.drain.clone();
-        let watcher = tokio::spawn(resources.watch(drain.clone()));
-        tokio::spawn(sweep_outliers(Arc::clone(&shared.store), drain.clone()));
+        let watcher = match source {
+            Source::File(file) => tokio::spawn(file.watch(drain.clone())),
+            Source::Xds(client) => {
+                let drain = drain.clone();
+                tokio::spawn(async move {
+                    client.run(drain).await;
+                    Ok(())
+                })
+            }
+        };
+        tokio::spawn(sweep_outliers(Arc::clone(&admin.store), drain.clone()));
         admin.listening.store(true, Ordering::Release);
         tracing::info!(listen = %listener.local_addr()?, "gateway accepting");
         listener::accept_loop(listener, Arc::clone(&shared)).await;
         drain.reached(Phase::Terminated).await;
         // Tunnels see Terminated and close; give their tasks a moment to finish.
         let _ = tokio::time::timeout(CLOSE_WAIT, shared.connections.wait_zero()).await;
-        watcher.await.context("resources watcher panicked")??;
+        watcher.await.context("configuration source panicked")??;
         side_thread.join().map_err(|_| anyhow::anyhow!("admin thread panicked"))?;
         Ok(())
     }
+}
+
+/// The discovery client's settings from the gateway's flags: its identity as Istio's proxy metadata, and
+/// the TLS files read now, so that a missing file fails the start.
+fn xds_settings(config: &GatewayConfig, url: &str) -> anyhow::Result<XdsSettings> {
+    let read = |path: &std::path::Path| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    let tls = match (&config.xds_ca, url.starts_with("https://")) {
+        (Some(ca), _) => Some(XdsTls {
+            ca: read(ca)?,
+            identity: match (&config.xds_cert, &config.xds_key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            },
+            server_name: config.xds_server_name.clone(),
+        }),
+        (None, true) => anyhow::bail!("--xds {url} is https: give --xds-ca with the control service's CA"),
+        (None, false) => None,
+    };
+    let identity = config.gateway_identity()?;
+    let node_id = match &config.node_id {
+        Some(id) => id.clone(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
+    };
+    Ok(XdsSettings {
+        url: url.to_owned(),
+        node: Node {
+            id: node_id,
+            cluster_id: config.cluster_id.clone(),
+            network: config.network.clone(),
+            locality: config.locality.clone(),
+            requested_network_view: config.requested_network_view.clone(),
+            labels: identity.labels.into_iter().collect(),
+        },
+        tls,
+        backoff: Backoff::default(),
+    })
 }
 
 /// Un-ejects hosts whose ejection time is over and decays ejection multipliers (Envoy's outlier detection

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::Gauge;
+use metrics::{Counter, Gauge};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
@@ -26,14 +26,55 @@ const INITIAL_HELLO_BUFFER: usize = 2048;
 /// What every connection task shares.
 #[derive(Debug)]
 pub struct Shared {
-    pub store: Arc<ConfigStore>,
+    pub routing: Routing,
     pub metrics: ListenerMetrics,
     pub connections: Arc<ConnectionCount>,
     pub drain: Drain,
+    pub limits: Limits,
+}
+
+/// The gateway-wide limits every listener applies.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
     pub hello_timeout: Duration,
     pub connect_attempts: usize,
     pub max_downstream_connections: usize,
     pub keepalive: Keepalive,
+}
+
+/// Where a listener sends connections.
+#[derive(Debug)]
+pub enum Routing {
+    /// Istio's AUTO_PASSTHROUGH: by SNI and ALPN to the clusters of the current snapshot.
+    Sni(Arc<ConfigStore>),
+    /// Every TLS connection to one upstream, whatever its SNI: Istio's `expose-istiod` PASSTHROUGH routes
+    /// (`sniHosts: ["*"]`) for istiod's XDS/CA (15012) and webhook (15017) ports.
+    Passthrough(Passthrough),
+}
+
+#[derive(Debug)]
+pub struct Passthrough {
+    /// `host:port`, resolved for each connection (a Service name in the cluster's DNS).
+    pub upstream: String,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+    pub connect_failures: Counter,
+}
+
+impl Passthrough {
+    pub fn new(upstream: &str, listener: &str, connect_timeout: Duration, idle_timeout: Option<Duration>) -> Self {
+        let labels = [("listener", listener.to_owned()), ("upstream", upstream.to_owned())];
+        Passthrough {
+            upstream: upstream.to_owned(),
+            connect_timeout,
+            idle_timeout,
+            request_bytes: metrics::counter!("crossgate_passthrough_received_bytes_total", &labels),
+            response_bytes: metrics::counter!("crossgate_passthrough_sent_bytes_total", &labels),
+            connect_failures: metrics::counter!("crossgate_passthrough_connect_fail_total", &labels),
+        }
+    }
 }
 
 /// Accepts until the drain closes the listener.
@@ -81,10 +122,10 @@ async fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: A
     let metrics = &shared.metrics;
     metrics.downstream_cx_total.increment(1);
     let _active = GaugeGuard::new(&metrics.downstream_cx_active);
-    let outcome = if open_now > shared.max_downstream_connections {
+    let outcome = if open_now > shared.limits.max_downstream_connections {
         Err(RejectReason::DownstreamOverflow)
     } else {
-        let _ = forward::tune_socket(&downstream, &shared.keepalive);
+        let _ = forward::tune_socket(&downstream, &shared.limits.keepalive);
         route_and_forward(&mut downstream, peer, &shared).await
     };
     if let Err(reason) = outcome {
@@ -96,13 +137,50 @@ async fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: A
 async fn route_and_forward(downstream: &mut TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), RejectReason> {
     let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
     tokio::select! {
-        read = timeout(shared.hello_timeout, read_hello(downstream, &mut hello_bytes)) => {
+        read = timeout(shared.limits.hello_timeout, read_hello(downstream, &mut hello_bytes)) => {
             read.map_err(|_| RejectReason::HelloTimeout)??;
         }
         () = shared.drain.reached(Phase::Terminated) => return Ok(()),
     }
-    let cluster = route(&hello_bytes, shared)?;
-    forward_to(downstream, peer, hello_bytes, &cluster, shared).await
+    match &shared.routing {
+        Routing::Sni(store) => {
+            let cluster = route(&hello_bytes, store)?;
+            forward_to(downstream, peer, hello_bytes, &cluster, shared).await
+        }
+        Routing::Passthrough(passthrough) => pass_through(downstream, hello_bytes, passthrough, shared).await,
+    }
+}
+
+/// Connects to the passthrough upstream (each resolved address in turn) and tunnels.
+async fn pass_through(
+    downstream: &mut TcpStream,
+    hello_bytes: Vec<u8>,
+    passthrough: &Passthrough,
+    shared: &Shared,
+) -> Result<(), RejectReason> {
+    let connect = async {
+        let addresses = tokio::net::lookup_host(&passthrough.upstream).await.ok()?;
+        for address in addresses.take(shared.limits.connect_attempts) {
+            match timeout(passthrough.connect_timeout, forward::connect_to(address, &shared.limits.keepalive)).await {
+                Ok(Ok(stream)) => return Some(stream),
+                _ => passthrough.connect_failures.increment(1),
+            }
+        }
+        None
+    };
+    let Some(mut upstream) = connect.await else {
+        tracing::debug!(upstream = %passthrough.upstream, "passthrough upstream unreachable");
+        return Err(RejectReason::UpstreamConnectFailed);
+    };
+    if upstream.write_all(&hello_bytes).await.is_err() {
+        return Ok(());
+    }
+    passthrough.request_bytes.increment(hello_bytes.len() as u64);
+    drop(hello_bytes);
+    let counters = TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes };
+    let limits = TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None };
+    forward::tunnel(downstream, &mut upstream, counters, limits, &shared.drain).await;
+    Ok(())
 }
 
 /// Reads until `buf` holds a whole ClientHello (or more: early data may follow it, and is forwarded).
@@ -138,12 +216,12 @@ fn hello_reject(error: &HelloError) -> RejectReason {
 
 /// The cluster the hello asks for, as Envoy's AUTO_PASSTHROUGH filter chains match: the SNI names a known
 /// cluster and the client offers one of Istio's mTLS ALPNs.
-fn route(hello_bytes: &[u8], shared: &Shared) -> Result<Arc<RouteCluster>, RejectReason> {
+fn route(hello_bytes: &[u8], store: &ConfigStore) -> Result<Arc<RouteCluster>, RejectReason> {
     let Ok(Parse::Complete(hello)) = hello::parse(hello_bytes) else {
         return Err(RejectReason::MalformedHello);
     };
     let sni = hello.server_name().ok_or(RejectReason::NoSni)?;
-    let routes = shared.store.routes();
+    let routes = store.routes();
     let cluster = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
     if !hello.alpn_protocols().any(is_istio_alpn) {
         return Err(RejectReason::AlpnMismatch);
@@ -184,7 +262,7 @@ async fn forward_to(
         cluster.metrics.upstream_cx_overflow.increment(1);
         return Err(refuse(RejectReason::UpstreamOverflow));
     };
-    let mut connected = forward::connect(cluster, peer, shared.connect_attempts).await.map_err(refuse)?;
+    let mut connected = forward::connect(cluster, peer, shared.limits.connect_attempts).await.map_err(refuse)?;
     let endpoint = &cluster.endpoints[connected.endpoint];
     endpoint.metrics.connections_opened.increment(1);
     let _upstream_active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);

@@ -478,3 +478,29 @@ async fn a_client_half_close_reaches_the_upstream_as_eof() {
     upstream.shutdown().await.unwrap();
     assert_eq!(workload::read_to_end(&mut client).await.unwrap(), b"late answer");
 }
+
+#[tokio::test]
+async fn istiod_ports_pass_any_tls_through_to_istiod() {
+    let mesh = mesh();
+    let istiod = EchoBackend::start(&mesh.server, "istiod").await;
+    // A free port for the passthrough listener (it listens on --listen's address, on a fixed port).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let route = format!("--istiod-passthrough={port}=localhost:{}", istiod.address.port());
+    let gateway = TestGateway::start(&resources(&[], ""), &[&route]).await;
+    let passthrough: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Any SNI and no Istio ALPN: a remote cluster's istiod client, or the API server calling the webhook.
+    let grpc_client = mesh.client.client_config(&mesh.server.dns_name, &[]);
+    let mut tls = workload::connect(passthrough, "istiod.istio-system.svc", grpc_client).await.unwrap();
+    assert_eq!(workload::read_greeting(&mut tls).await.unwrap(), ("istiod".to_owned(), mesh.client.spiffe.clone()));
+    // Plaintext is still refused.
+    let mut plain = TcpStream::connect(passthrough).await.unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert!(closed_by_gateway(&mut plain).await);
+    let listener = format!("127.0.0.1_{port}");
+    eventually(WITHIN, "counted on the passthrough listener", || async {
+        let m = gateway.metrics();
+        metric(&m, "crossgate_downstream_cx_rejected_total", &[("listener", &listener), ("reason", "not_tls")]) == 1.0
+            && metric(&m, "crossgate_passthrough_received_bytes_total", &[("listener", &listener)]) > 0.0
+    })
+    .await;
+}

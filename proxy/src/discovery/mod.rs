@@ -3,6 +3,7 @@
 //! and swaps it in with one atomic store, or refuses it and keeps serving the last good one.
 
 pub mod file;
+pub mod xds;
 
 use std::sync::Arc;
 use std::sync::Mutex;

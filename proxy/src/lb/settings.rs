@@ -1,6 +1,5 @@
 //! The validated load-balancing part of a DestinationRule traffic policy, read with Istio's defaults.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use crossgate_proto::load_balancer_settings::{ConsistentHashLb, LbPolicy, SimpleLb, consistent_hash_lb};
@@ -203,13 +202,8 @@ fn distribute_from_proto(
     if total != 100 {
         return Err(invalid(field, format!("weights of from {:?} sum to {total}, not 100", d.from)));
     }
-    Ok(Distribute { from: d.from.clone(), to: sorted(&d.to) })
-}
-
-fn sorted(map: &HashMap<String, u32>) -> Vec<(String, u32)> {
-    let mut to: Vec<(String, u32)> = map.iter().map(|(k, v)| (k.clone(), *v)).collect();
-    to.sort();
-    to
+    // The map is ordered (the protos are generated with BTreeMap), so the weights come out sorted.
+    Ok(Distribute { from: d.from.clone(), to: d.to.iter().map(|(k, v)| (k.clone(), *v)).collect() })
 }
 
 /// A protobuf duration as a `std` one; negative durations are refused by name.

@@ -26,6 +26,18 @@ impl TestGateway {
         let directory = TempDir::new("gateway");
         let resources = directory.path().join("resources.yaml");
         std::fs::write(&resources, resources_yaml).expect("write resources");
+        let resources_flag = format!("--resources={}", resources.display());
+        Self::launch(directory, resources, [&[resources_flag.as_str()], flags].concat()).await
+    }
+
+    /// Starts a gateway whose configuration source is in `flags` (e.g. `--xds`).
+    pub async fn start_without_resources(flags: &[&str]) -> TestGateway {
+        let directory = TempDir::new("gateway");
+        let resources = directory.path().join("resources.yaml");
+        Self::launch(directory, resources, flags.to_vec()).await
+    }
+
+    async fn launch(directory: TempDir, resources: PathBuf, flags: Vec<&str>) -> TestGateway {
         let mut args: Vec<String> = [
             "--listen=127.0.0.1:0",
             "--status-addr=127.0.0.1:0",
@@ -34,7 +46,6 @@ impl TestGateway {
         ]
         .map(String::from)
         .to_vec();
-        args.push(format!("--resources={}", resources.display()));
         args.extend(flags.iter().map(|f| f.to_string()));
         let config = GatewayConfig::from_flags(args).expect("valid flags");
         let gateway = Gateway::bind(config).await.expect("gateway binds");

@@ -1,0 +1,188 @@
+//! `crossgate-control`: parses the command line and wires the control service together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use crossgate_control::certs;
+use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles, install_metrics};
+use crossgate_control::sources::kube::KubeOptions;
+use crossgate_control::views::ViewOptions;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(
+    name = "crossgate-control",
+    version,
+    about = "Watches every cluster of an Istio mesh and pushes endpoints to crossgate gateways"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gateways. With no source flag, serves the embedded example mesh (deploy/local/mesh.yaml).
+    Run(RunArgs),
+    /// Write certificates in Istio's cacerts layout (Makefile.selfsigned.mk).
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// A mesh file (clusters, networks, services, endpoints), followed as it changes.
+    #[arg(long, env = "CROSSGATE_MESH", conflicts_with_all = ["kubeconfig", "kubeconfig_in_cluster"])]
+    mesh: Option<PathBuf>,
+    /// Watch the cluster of this kubeconfig.
+    #[arg(long, env = "KUBECONFIG", conflicts_with = "kubeconfig_in_cluster")]
+    kubeconfig: Option<PathBuf>,
+    /// Watch the cluster this pod runs in (its service account).
+    #[arg(long)]
+    kubeconfig_in_cluster: bool,
+    /// Also watch every cluster named by Istio remote secrets (label istio/multiCluster=true) in the system
+    /// namespace.
+    #[arg(long)]
+    remote_secrets: bool,
+    /// This cluster's ID (Istio's CLUSTER_ID, global.multiCluster.clusterName).
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
+    #[arg(long, env = "CROSSGATE_SYSTEM_NAMESPACE", default_value = "istio-system")]
+    system_namespace: String,
+    #[arg(long, env = "CROSSGATE_DOMAIN_SUFFIX", default_value = "cluster.local")]
+    domain_suffix: String,
+    /// The delta discovery stream gateways connect to.
+    #[arg(long, env = "CROSSGATE_LISTEN", default_value = "0.0.0.0:15010")]
+    listen: SocketAddr,
+    /// /metrics, /ready, /debug/gateways, /debug/clusters.
+    #[arg(long, env = "CROSSGATE_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
+    admin_addr: SocketAddr,
+    /// Quiet time after a change before gateways are pushed to.
+    #[arg(long, env = "CROSSGATE_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
+    debounce: std::time::Duration,
+    /// Serve TLS with this certificate chain (PEM)...
+    #[arg(long, env = "CROSSGATE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// ...and key.
+    #[arg(long, env = "CROSSGATE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require gateway certificates chaining to this CA (mTLS).
+    #[arg(long, env = "CROSSGATE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// root-cert.pem and root-key.pem.
+    RootCa {
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// NAME/{ca-cert,ca-key,root-cert,cert-chain}.pem, signed by the root in --out: one per cluster.
+    Intermediate {
+        name: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// cert.pem, key.pem and ca.pem for a server or client (the control channel, a test workload), signed by
+    /// the intermediate in --ca-dir.
+    Leaf {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long = "dns")]
+        dns_names: Vec<String>,
+        /// URI SANs, e.g. spiffe://cluster.local/ns/istio-system/sa/istio-eastwestgateway.
+        #[arg(long = "uri")]
+        uris: Vec<String>,
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let result = match Cli::parse().command {
+        Command::Run(args) => run(args),
+        Command::Certs(command) => write_certs(command),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("crossgate-control: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let source = match (args.mesh, args.kubeconfig, args.kubeconfig_in_cluster) {
+        (Some(path), _, _) => MeshSource::File(path),
+        (None, kubeconfig @ Some(_), _) | (None, kubeconfig @ None, true) => MeshSource::Kube {
+            kubeconfig,
+            options: KubeOptions {
+                system_namespace: args.system_namespace.clone(),
+                domain_suffix: args.domain_suffix.clone(),
+                remote_secrets: args.remote_secrets,
+                ..KubeOptions::default()
+            },
+        },
+        (None, None, false) => MeshSource::Embedded,
+    };
+    let config = ControlConfig {
+        source,
+        cluster_id: args.cluster_id,
+        view: ViewOptions {
+            domain_suffix: args.domain_suffix,
+            gateway_namespace: args.system_namespace.clone(),
+            root_namespace: args.system_namespace,
+        },
+        listen: args.listen,
+        admin: args.admin_addr,
+        debounce: args.debounce,
+        tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let metrics = install_metrics()?;
+        let control = Control::bind(config).await?;
+        control.run(Some(metrics), shutdown_signal()).await
+    })
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut terminate), Ok(mut interrupt)) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
+    tracing::info!("stopping");
+}
+
+fn write_certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::RootCa { out } => {
+            certs::root_ca(&out)?;
+            println!("wrote {0}/root-cert.pem and {0}/root-key.pem", out.display());
+        }
+        CertsCommand::Intermediate { name, out } => {
+            certs::intermediate(&out, &name)?;
+            println!("wrote {}/{name}/{{ca-cert,ca-key,root-cert,cert-chain}}.pem", out.display());
+        }
+        CertsCommand::Leaf { ca_dir, dns_names, uris, days, out } => {
+            certs::leaf(&ca_dir, &dns_names, &uris, days, &out)?;
+            println!("wrote {0}/cert.pem, {0}/key.pem and {0}/ca.pem", out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! The control service and gateways together: the mesh file source, the delta discovery stream, real mTLS
+//! traffic through gateways that learn their endpoints from it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles};
+use crossgate_control::views::ViewOptions;
+use crossgate_proxy::testing::gateway::{TempDir, TestGateway};
+use crossgate_proxy::testing::pki::{SIDECAR_ALPN, TestCa, WorkloadIdentity};
+use crossgate_proxy::testing::workload::{self, EchoBackend};
+use crossgate_proxy::testing::{eventually, metric};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const SNI: &str = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
+const WITHIN: Duration = Duration::from_secs(10);
+
+struct Mesh {
+    client: WorkloadIdentity,
+    server: WorkloadIdentity,
+}
+
+fn mesh() -> Mesh {
+    let ca = TestCa::new("cluster.local");
+    Mesh { client: ca.workload("sleep", "sleep"), server: ca.workload("sample", "helloworld") }
+}
+
+impl Mesh {
+    fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.client_config(&self.server.dns_name, &SIDECAR_ALPN)
+    }
+
+    /// The backend's name, as seen through the gateway at `address`.
+    async fn call(&self, address: SocketAddr) -> Option<String> {
+        let mut tls = workload::connect(address, SNI, self.client_config()).await.ok()?;
+        workload::read_greeting(&mut tls).await.ok().map(|(name, _)| name)
+    }
+}
+
+/// Backends for the same service port on different loopback addresses, as pods of one Service share their
+/// target port: 127.0.0.2, 127.0.0.3, ... all on one port.
+async fn backends(mesh: &Mesh, names: &[&str]) -> (u16, Vec<EchoBackend>) {
+    'port: loop {
+        let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let mut listeners = vec![first];
+        for i in 1..names.len() {
+            match TcpListener::bind(format!("127.0.0.{}:{port}", i + 2)).await {
+                Ok(listener) => listeners.push(listener),
+                Err(_) => continue 'port,
+            }
+        }
+        let backends =
+            listeners.into_iter().zip(names).map(|(listener, name)| EchoBackend::serve(listener, &mesh.server, name));
+        return (port, backends.collect());
+    }
+}
+
+/// A two-cluster mesh file: `cluster1` on network1 and `cluster2` on network2, helloworld's endpoints given
+/// as (cluster index, address, version), plus extra YAML for each cluster's destination rules.
+fn mesh_yaml(port: u16, endpoints: &[(usize, &str, &str)], destination_rules: &str) -> String {
+    let mut yaml = String::from("clusters:\n");
+    for (index, network) in [(1, "network1"), (2, "network2")] {
+        yaml.push_str(&format!(
+            "- name: cluster{index}\n  network: {network}\n  services:\n  - name: helloworld\n    namespace: sample\n    \
+             ports: [{{ name: tls, port: 5000, target_port: {port} }}]\n    endpoints:\n"
+        ));
+        for (_, address, version) in endpoints.iter().filter(|(cluster, _, _)| *cluster == index) {
+            yaml.push_str(&format!(
+                "    - address: {address}\n      labels: {{ app: helloworld, version: {version}, \
+                 security.istio.io/tlsMode: istio }}\n      workload_name: helloworld-{version}\n"
+            ));
+        }
+        yaml.push_str(destination_rules);
+    }
+    yaml
+}
+
+fn write_atomically(path: &Path, text: &str) {
+    let staging = path.with_extension("new");
+    std::fs::write(&staging, text).unwrap();
+    std::fs::rename(&staging, path).unwrap();
+}
+
+struct RunningControl {
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningControl {
+    async fn start(mesh_file: &Path, listen: SocketAddr, tls: Option<TlsFiles>) -> RunningControl {
+        let config = ControlConfig {
+            source: MeshSource::File(mesh_file.to_owned()),
+            cluster_id: "cluster1".to_owned(),
+            view: ViewOptions::default(),
+            listen,
+            admin: "127.0.0.1:0".parse().unwrap(),
+            debounce: Duration::from_millis(20),
+            tls,
+        };
+        let control = Control::bind(config).await.unwrap();
+        let (grpc, admin) = (control.grpc_addr(), control.admin_addr());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(control.run(None, async move {
+            let _ = stopped.await;
+        }));
+        RunningControl { grpc, admin, stop: Some(stop), task }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WITHIN, &mut self.task).await.expect("control stops").unwrap().unwrap();
+    }
+
+    async fn debug_gateways(&self) -> serde_json::Value {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
+        stream.write_all(b"GET /debug/gateways HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
+    }
+}
+
+/// A gateway of `cluster` on `network`, fed by the control service at `xds`.
+async fn gateway(xds: &str, cluster: &str, network: &str, extra: &[&str]) -> TestGateway {
+    let mut flags = vec![
+        format!("--xds={xds}"),
+        format!("--cluster-id={cluster}"),
+        format!("--network={network}"),
+        format!("--requested-network-view={network}"),
+        format!("--node-id={cluster}-gateway"),
+    ];
+    flags.extend(extra.iter().map(|f| f.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    TestGateway::start_without_resources(&flags).await
+}
+
+async fn ready(gateway: &TestGateway) -> bool {
+    gateway.handle.store.is_loaded()
+}
+
+#[tokio::test]
+async fn each_gateway_routes_to_its_own_network_and_follows_the_mesh_file() {
+    let mesh = mesh();
+    let (port, backends) = backends(&mesh, &["v1-cluster1", "v2-cluster2", "v2b-cluster2"]).await;
+    let dir = TempDir::new("e2e-mesh");
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1"), (2, "127.0.0.3", "v2")], "")).unwrap();
+    let control = RunningControl::start(&mesh_file, "127.0.0.1:0".parse().unwrap(), None).await;
+    let xds = format!("http://{}", control.grpc);
+    let east = gateway(&xds, "cluster1", "network1", &[]).await;
+    let west = gateway(&xds, "cluster2", "network2", &[]).await;
+    eventually(WITHIN, "both gateways configured", || async { ready(&east).await && ready(&west).await }).await;
+
+    // Each gateway sees only the endpoints of its own network (REQUESTED_NETWORK_VIEW).
+    for _ in 0..4 {
+        assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1-cluster1"));
+        assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"));
+    }
+
+    // An endpoint added in cluster2 reaches cluster2's gateway, within a second, and not cluster1's.
+    let started = std::time::Instant::now();
+    let endpoints = [(1, "127.0.0.2", "v1"), (2, "127.0.0.3", "v2"), (2, "127.0.0.4", "v2")];
+    write_atomically(&mesh_file, &mesh_yaml(port, &endpoints, ""));
+    eventually(WITHIN, "the new endpoint takes connections", || async {
+        mesh.call(west.listen).await.as_deref() == Some("v2b-cluster2")
+    })
+    .await;
+    let elapsed = started.elapsed();
+    assert!(elapsed < Duration::from_secs(2), "followed the change in {elapsed:?}");
+    for _ in 0..4 {
+        assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1-cluster1"));
+    }
+    let gateways = control.debug_gateways().await;
+    assert_eq!(gateways.as_array().unwrap().len(), 2, "{gateways}");
+    drop(backends);
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn gateways_keep_routing_through_a_control_outage_and_resync() {
+    let mesh = mesh();
+    let (port, _backends) = backends(&mesh, &["one", "two"]).await;
+    let dir = TempDir::new("e2e-outage");
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
+    let control = RunningControl::start(&mesh_file, "127.0.0.1:0".parse().unwrap(), None).await;
+    let listen = control.grpc;
+    let east = gateway(&format!("http://{listen}"), "cluster1", "network1", &[]).await;
+    eventually(WITHIN, "configured", || async { mesh.call(east.listen).await.as_deref() == Some("one") }).await;
+
+    control.stop().await;
+    // The last good configuration keeps serving while the control service is away.
+    for _ in 0..3 {
+        assert_eq!(mesh.call(east.listen).await.as_deref(), Some("one"));
+    }
+    eventually(WITHIN, "the gateway noticed", || async {
+        metric(&east.metrics(), "crossgate_xds_connected", &[]) == 0.0
+    })
+    .await;
+
+    // Back on the same address with a changed mesh: the gateway reconnects and resyncs.
+    write_atomically(&mesh_file, &mesh_yaml(port, &[(1, "127.0.0.3", "v1")], ""));
+    let control = RunningControl::start(&mesh_file, listen, None).await;
+    eventually(Duration::from_secs(30), "resynced", || async {
+        mesh.call(east.listen).await.as_deref() == Some("two")
+    })
+    .await;
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn an_update_the_gateway_refuses_is_nacked_and_the_last_good_one_serves() {
+    let mesh = mesh();
+    let (port, _backends) = backends(&mesh, &["v1"]).await;
+    let dir = TempDir::new("e2e-nack");
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
+    let control = RunningControl::start(&mesh_file, "127.0.0.1:0".parse().unwrap(), None).await;
+    let east = gateway(&format!("http://{}", control.grpc), "cluster1", "network1", &[]).await;
+    eventually(WITHIN, "configured", || async { mesh.call(east.listen).await.is_some() }).await;
+
+    // PASSTHROUGH cannot be served by an sni-dnat gateway: the gateway refuses the update.
+    let passthrough = "  destination_rules:\n  - { name: hw, namespace: sample, host: helloworld, \
+                       trafficPolicy: { loadBalancer: { simple: PASSTHROUGH } } }\n";
+    write_atomically(&mesh_file, &mesh_yaml(port, &[(1, "127.0.0.2", "v1")], passthrough));
+    eventually(WITHIN, "the control service records the NACK", || async {
+        let gateways = control.debug_gateways().await;
+        gateways[0]["last_nack"].is_array()
+    })
+    .await;
+    let gateways = control.debug_gateways().await;
+    let nack = gateways[0]["last_nack"][1].as_str().unwrap();
+    assert!(nack.contains("PASSTHROUGH"), "{nack}");
+    assert_eq!(metric(&east.metrics(), "crossgate_xds_responses_total", &[("result", "nack")]), 1.0);
+    assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1"), "the last good configuration serves");
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_gateway_is_not_ready_before_its_first_configuration() {
+    let address = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    // Nothing listens there yet.
+    let east = gateway(&format!("http://{address}"), "cluster1", "network1", &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!ready(&east).await);
+
+    let mesh = mesh();
+    let (port, _backends) = backends(&mesh, &["v1"]).await;
+    let dir = TempDir::new("e2e-ready");
+    let mesh_file = dir.path().join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
+    let control = RunningControl::start(&mesh_file, address, None).await;
+    eventually(Duration::from_secs(30), "ready once configured", || async { ready(&east).await }).await;
+    assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1"));
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn the_control_channel_runs_over_mtls_with_crossgate_control_certs() {
+    let dir = TempDir::new("e2e-mtls");
+    let pki = dir.path();
+    crossgate_control::certs::root_ca(pki).unwrap();
+    crossgate_control::certs::intermediate(pki, "cluster1").unwrap();
+    let leaf = |name: &str| -> PathBuf {
+        let out = pki.join(name);
+        crossgate_control::certs::leaf(&pki.join("cluster1"), &[format!("{name}.istio-system.svc")], &[], 1, &out)
+            .unwrap();
+        out
+    };
+    let (server, client) = (leaf("crossgate-control"), leaf("gateway"));
+    let mesh = mesh();
+    let (port, _backends) = backends(&mesh, &["v1"]).await;
+    let mesh_file = pki.join("mesh.yaml");
+    std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
+    let tls =
+        TlsFiles { cert: server.join("cert.pem"), key: server.join("key.pem"), client_ca: Some(server.join("ca.pem")) };
+    let control = RunningControl::start(&mesh_file, "127.0.0.1:0".parse().unwrap(), Some(tls)).await;
+    let flags = [
+        format!("--xds-ca={}", client.join("ca.pem").display()),
+        format!("--xds-cert={}", client.join("cert.pem").display()),
+        format!("--xds-key={}", client.join("key.pem").display()),
+        "--xds-server-name=crossgate-control.istio-system.svc".to_owned(),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let east = gateway(&format!("https://{}", control.grpc), "cluster1", "network1", &flags).await;
+    eventually(WITHIN, "configured over mTLS", || async { mesh.call(east.listen).await.as_deref() == Some("v1") })
+        .await;
+
+    // Without a client certificate the control service refuses the gateway.
+    let one_way = [format!("--xds-ca={}", client.join("ca.pem").display()), flags[3].to_owned()];
+    let one_way: Vec<&str> = one_way.iter().map(String::as_str).collect();
+    let stranger = gateway(&format!("https://{}", control.grpc), "cluster1", "network1", &one_way).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!ready(&stranger).await);
+    control.stop().await;
+}
