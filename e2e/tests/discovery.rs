@@ -1,150 +1,16 @@
 //! The control service and gateways together: the mesh file source, the delta discovery stream, real mTLS
 //! traffic through gateways that learn their endpoints from it.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+mod common;
+
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles};
-use crossgate_control::views::ViewOptions;
-use crossgate_proxy::testing::gateway::{TempDir, TestGateway};
-use crossgate_proxy::testing::pki::{SIDECAR_ALPN, TestCa, WorkloadIdentity};
-use crossgate_proxy::testing::workload::{self, EchoBackend};
+use common::*;
+use crossgate_control::service::TlsFiles;
+use crossgate_proxy::testing::gateway::TempDir;
 use crossgate_proxy::testing::{eventually, metric};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-
-const SNI: &str = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
-const WITHIN: Duration = Duration::from_secs(10);
-
-struct Mesh {
-    client: WorkloadIdentity,
-    server: WorkloadIdentity,
-}
-
-fn mesh() -> Mesh {
-    let ca = TestCa::new("cluster.local");
-    Mesh { client: ca.workload("sleep", "sleep"), server: ca.workload("sample", "helloworld") }
-}
-
-impl Mesh {
-    fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        self.client.client_config(&self.server.dns_name, &SIDECAR_ALPN)
-    }
-
-    /// The backend's name, as seen through the gateway at `address`.
-    async fn call(&self, address: SocketAddr) -> Option<String> {
-        let mut tls = workload::connect(address, SNI, self.client_config()).await.ok()?;
-        workload::read_greeting(&mut tls).await.ok().map(|(name, _)| name)
-    }
-}
-
-/// Backends for the same service port on different loopback addresses, as pods of one Service share their
-/// target port: 127.0.0.2, 127.0.0.3, ... all on one port.
-async fn backends(mesh: &Mesh, names: &[&str]) -> (u16, Vec<EchoBackend>) {
-    'port: loop {
-        let first = TcpListener::bind("127.0.0.2:0").await.unwrap();
-        let port = first.local_addr().unwrap().port();
-        let mut listeners = vec![first];
-        for i in 1..names.len() {
-            match TcpListener::bind(format!("127.0.0.{}:{port}", i + 2)).await {
-                Ok(listener) => listeners.push(listener),
-                Err(_) => continue 'port,
-            }
-        }
-        let backends =
-            listeners.into_iter().zip(names).map(|(listener, name)| EchoBackend::serve(listener, &mesh.server, name));
-        return (port, backends.collect());
-    }
-}
-
-/// A two-cluster mesh file: `cluster1` on network1 and `cluster2` on network2, helloworld's endpoints given
-/// as (cluster index, address, version), plus extra YAML for each cluster's destination rules.
-fn mesh_yaml(port: u16, endpoints: &[(usize, &str, &str)], destination_rules: &str) -> String {
-    let mut yaml = String::from("clusters:\n");
-    for (index, network) in [(1, "network1"), (2, "network2")] {
-        yaml.push_str(&format!(
-            "- name: cluster{index}\n  network: {network}\n  services:\n  - name: helloworld\n    namespace: sample\n    \
-             ports: [{{ name: tls, port: 5000, target_port: {port} }}]\n    endpoints:\n"
-        ));
-        for (_, address, version) in endpoints.iter().filter(|(cluster, _, _)| *cluster == index) {
-            yaml.push_str(&format!(
-                "    - address: {address}\n      labels: {{ app: helloworld, version: {version}, \
-                 security.istio.io/tlsMode: istio }}\n      workload_name: helloworld-{version}\n"
-            ));
-        }
-        yaml.push_str(destination_rules);
-    }
-    yaml
-}
-
-fn write_atomically(path: &Path, text: &str) {
-    let staging = path.with_extension("new");
-    std::fs::write(&staging, text).unwrap();
-    std::fs::rename(&staging, path).unwrap();
-}
-
-struct RunningControl {
-    grpc: SocketAddr,
-    admin: SocketAddr,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-impl RunningControl {
-    async fn start(mesh_file: &Path, listen: SocketAddr, tls: Option<TlsFiles>) -> RunningControl {
-        let config = ControlConfig {
-            source: MeshSource::File(mesh_file.to_owned()),
-            cluster_id: "cluster1".to_owned(),
-            view: ViewOptions::default(),
-            listen,
-            admin: "127.0.0.1:0".parse().unwrap(),
-            debounce: Duration::from_millis(20),
-            tls,
-        };
-        let control = Control::bind(config).await.unwrap();
-        let (grpc, admin) = (control.grpc_addr(), control.admin_addr());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(control.run(None, async move {
-            let _ = stopped.await;
-        }));
-        RunningControl { grpc, admin, stop: Some(stop), task }
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(WITHIN, &mut self.task).await.expect("control stops").unwrap().unwrap();
-    }
-
-    async fn debug_gateways(&self) -> serde_json::Value {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        stream.write_all(b"GET /debug/gateways HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
-    }
-}
-
-/// A gateway of `cluster` on `network`, fed by the control service at `xds`.
-async fn gateway(xds: &str, cluster: &str, network: &str, extra: &[&str]) -> TestGateway {
-    let mut flags = vec![
-        format!("--xds={xds}"),
-        format!("--cluster-id={cluster}"),
-        format!("--network={network}"),
-        format!("--requested-network-view={network}"),
-        format!("--node-id={cluster}-gateway"),
-    ];
-    flags.extend(extra.iter().map(|f| f.to_string()));
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    TestGateway::start_without_resources(&flags).await
-}
-
-async fn ready(gateway: &TestGateway) -> bool {
-    gateway.handle.store.is_loaded()
-}
 
 #[tokio::test]
 async fn each_gateway_routes_to_its_own_network_and_follows_the_mesh_file() {
