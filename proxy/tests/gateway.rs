@@ -504,3 +504,26 @@ async fn istiod_ports_pass_any_tls_through_to_istiod() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn tunnels_end_at_the_max_connection_duration_even_when_busy() {
+    let mesh = mesh();
+    let backend = EchoBackend::start(&mesh.server, "v1").await;
+    let extra = "  trafficPolicy: { connectionPool: { tcp: { maxConnectionDuration: 500ms } } }\n";
+    let gateway = TestGateway::start(&resources(&[backend.address], extra), &[]).await;
+    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
+    workload::read_greeting(&mut tls).await.unwrap();
+    let started = std::time::Instant::now();
+    // Keep the tunnel busy: it is closed for its age, not for idleness.
+    let mut echoed = [0u8; 4];
+    let closed = loop {
+        if tls.write_all(b"ping").await.is_err() || !matches!(tls.read_exact(&mut echoed).await, Ok(_)) {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < WITHIN, "never closed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(closed >= Duration::from_millis(400), "closed after {closed:?}");
+    let m = gateway.metrics();
+    assert_eq!(metric(&m, "crossgate_upstream_cx_max_duration_reached_total", &[("cluster", SNI)]), 1.0);
+}
