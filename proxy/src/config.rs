@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::forward::CopyMode;
 use crate::lb::{GatewayIdentity, LbConfigError, Locality, NETWORK_LABEL};
 
 /// A duration written as Istio and Envoy write them: `15s`, `1h`, `500ms`, `0s`.
@@ -108,6 +109,10 @@ pub struct GatewayConfig {
     /// `15012=istiod.istio-system.svc:15012,15017=istiod.istio-system.svc:443`. Off by default.
     #[arg(long, env = "CROSSGATE_ISTIOD_PASSTHROUGH", value_delimiter = ',', value_parser = parse_passthrough)]
     pub istiod_passthrough: Vec<PassthroughRoute>,
+
+    /// How tunnels move bytes: `splice` (zero-copy through a pipe) or `buffer` (read/write through user space).
+    #[arg(long, env = "CROSSGATE_COPY", value_enum, default_value_t = CopyMode::Splice)]
+    pub copy: CopyMode,
 
     /// Data-plane worker threads; defaults to the number of cores.
     #[arg(long, env = "CROSSGATE_WORKERS")]

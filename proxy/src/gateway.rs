@@ -121,6 +121,7 @@ impl Gateway {
                 connect_attempts: config.connect_attempts,
                 max_downstream_connections: config.max_downstream_connections,
                 keepalive: config.keepalive(),
+                copy: config.copy,
             },
         });
         let mut passthrough = Vec::new();

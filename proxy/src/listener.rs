@@ -14,7 +14,7 @@ use tokio::time::timeout;
 use crate::config::Keepalive;
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
-use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelLimits, TunnelOutcome};
+use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits, TunnelOutcome};
 use crate::lb::Outcome;
 use crate::metrics::{ListenerMetrics, RejectReason};
 use crate::route::{RouteCluster, is_istio_alpn};
@@ -40,6 +40,7 @@ pub struct Limits {
     pub connect_attempts: usize,
     pub max_downstream_connections: usize,
     pub keepalive: Keepalive,
+    pub copy: CopyMode,
 }
 
 /// Where a listener sends connections.
@@ -178,7 +179,7 @@ async fn pass_through(
     passthrough.request_bytes.increment(hello_bytes.len() as u64);
     drop(hello_bytes);
     let counters = TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes };
-    let limits = TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None };
+    let limits = TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy: shared.limits.copy };
     forward::tunnel(downstream, &mut upstream, counters, limits, &shared.drain).await;
     Ok(())
 }
@@ -275,6 +276,7 @@ async fn forward_to(
             let limits = TunnelLimits {
                 idle_timeout: cluster.settings.idle_timeout,
                 max_duration: cluster.settings.max_connection_duration,
+                copy: shared.limits.copy,
             };
             forward::tunnel(downstream, &mut connected.stream, counters, limits, &shared.drain).await
         }

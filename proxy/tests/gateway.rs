@@ -59,10 +59,19 @@ async fn closed_by_gateway(stream: &mut TcpStream) -> bool {
 }
 
 #[tokio::test]
-async fn mtls_passes_through_intact_both_ways() {
+async fn mtls_passes_through_intact_both_ways_with_splice() {
+    passes_through_intact(&["--copy=splice"]).await;
+}
+
+#[tokio::test]
+async fn mtls_passes_through_intact_both_ways_with_a_buffer() {
+    passes_through_intact(&["--copy=buffer"]).await;
+}
+
+async fn passes_through_intact(flags: &[&str]) {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "helloworld-v1").await;
-    let gateway = TestGateway::start(&resources(&[backend.address], ""), &[]).await;
+    let gateway = TestGateway::start(&resources(&[backend.address], ""), flags).await;
 
     let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
     let (name, client_seen) = workload::read_greeting(&mut tls).await.unwrap();

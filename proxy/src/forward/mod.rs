@@ -8,19 +8,19 @@ use std::time::Duration;
 
 use metrics::Counter;
 use socket2::{SockRef, TcpKeepalive};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
+
+mod copy;
+
+pub use copy::CopyMode;
+use copy::{MoveError, Mover};
 
 use crate::config::Keepalive;
 use crate::drain::{Drain, Phase};
 use crate::lb::{Outcome, PickContext};
 use crate::metrics::RejectReason;
 use crate::route::RouteCluster;
-
-/// Copy buffer per direction, allocated when the first bytes arrive so that idle tunnels hold none.
-const COPY_BUFFER: usize = 16 * 1024;
 
 /// Sets the options both sides of a tunnel get: no Nagle delay (TLS records are already framed) and
 /// keepalive probes so that dead peers are noticed.
@@ -108,11 +108,12 @@ pub struct TunnelCounters<'a> {
     pub response: &'a Counter,
 }
 
-/// Limits on one tunnel's life.
+/// Limits on one tunnel's life, and how it moves bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct TunnelLimits {
     pub idle_timeout: Option<Duration>,
     pub max_duration: Option<Duration>,
+    pub copy: CopyMode,
 }
 
 /// How a tunnel ended.
@@ -126,8 +127,8 @@ pub struct TunnelOutcome {
 /// Copies both ways until both sides have closed their write half, an error resets the tunnel, or a
 /// limit or termination ends it. A reset on one side is passed on to the other as a reset.
 pub async fn tunnel(
-    downstream: &mut TcpStream,
-    upstream: &mut TcpStream,
+    downstream: &TcpStream,
+    upstream: &TcpStream,
     counters: TunnelCounters<'_>,
     limits: TunnelLimits,
     drain: &Drain,
@@ -135,45 +136,43 @@ pub async fn tunnel(
     let start = Instant::now();
     let last_activity = AtomicU64::new(0);
     let (request_bytes, response_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let end = {
-        let (mut down_read, mut down_write) = downstream.split();
-        let (mut up_read, mut up_write) = upstream.split();
-        let request = pump(&mut down_read, &mut up_write, counters.request, &request_bytes, start, &last_activity);
-        let response = pump(&mut up_read, &mut down_write, counters.response, &response_bytes, start, &last_activity);
-        tokio::pin!(request, response);
-        let (mut request_done, mut response_done) = (false, false);
-        let idle = sleep(limits.idle_timeout.unwrap_or(Duration::MAX / 4));
-        tokio::pin!(idle);
-        let max_duration = sleep_until(start + limits.max_duration.unwrap_or(Duration::MAX / 4));
-        tokio::pin!(max_duration);
-        let terminated = drain.reached(Phase::Terminated);
-        tokio::pin!(terminated);
-        loop {
-            tokio::select! {
-                result = &mut request, if !request_done => match result {
-                    Ok(()) => request_done = true,
-                    Err(PumpError::Read) => break TunnelEnd::DownstreamReset,
-                    Err(PumpError::Write) => break TunnelEnd::UpstreamReset,
-                },
-                result = &mut response, if !response_done => match result {
-                    Ok(()) => response_done = true,
-                    Err(PumpError::Read) => break TunnelEnd::UpstreamReset,
-                    Err(PumpError::Write) => break TunnelEnd::DownstreamReset,
-                },
-                () = &mut idle, if limits.idle_timeout.is_some() => {
-                    let idle_timeout = limits.idle_timeout.unwrap_or_default();
-                    let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                    if last.elapsed() >= idle_timeout {
-                        break TunnelEnd::IdleTimeout;
-                    }
-                    idle.as_mut().reset(last + idle_timeout);
+    let direction =
+        |from, to, counter, moved| Direction { from, to, counter, moved, start, last_activity: &last_activity };
+    let request = direction(downstream, upstream, counters.request, &request_bytes).pump(limits.copy);
+    let response = direction(upstream, downstream, counters.response, &response_bytes).pump(limits.copy);
+    tokio::pin!(request, response);
+    let (mut request_done, mut response_done) = (false, false);
+    let idle = sleep(limits.idle_timeout.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(idle);
+    let max_duration = sleep_until(start + limits.max_duration.unwrap_or(Duration::MAX / 4));
+    tokio::pin!(max_duration);
+    let terminated = drain.reached(Phase::Terminated);
+    tokio::pin!(terminated);
+    let end = loop {
+        tokio::select! {
+            result = &mut request, if !request_done => match result {
+                Ok(()) => request_done = true,
+                Err(MoveError::Read) => break TunnelEnd::DownstreamReset,
+                Err(MoveError::Write) => break TunnelEnd::UpstreamReset,
+            },
+            result = &mut response, if !response_done => match result {
+                Ok(()) => response_done = true,
+                Err(MoveError::Read) => break TunnelEnd::UpstreamReset,
+                Err(MoveError::Write) => break TunnelEnd::DownstreamReset,
+            },
+            () = &mut idle, if limits.idle_timeout.is_some() => {
+                let idle_timeout = limits.idle_timeout.unwrap_or_default();
+                let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
+                if last.elapsed() >= idle_timeout {
+                    break TunnelEnd::IdleTimeout;
                 }
-                () = &mut max_duration, if limits.max_duration.is_some() => break TunnelEnd::MaxDuration,
-                () = &mut terminated => break TunnelEnd::Terminated,
+                idle.as_mut().reset(last + idle_timeout);
             }
-            if request_done && response_done {
-                break TunnelEnd::Complete;
-            }
+            () = &mut max_duration, if limits.max_duration.is_some() => break TunnelEnd::MaxDuration,
+            () = &mut terminated => break TunnelEnd::Terminated,
+        }
+        if request_done && response_done {
+            break TunnelEnd::Complete;
         }
     };
     // A reset seen on one side becomes a reset on the other (SO_LINGER 0 sends RST on close), as Envoy's
@@ -187,40 +186,34 @@ pub async fn tunnel(
         }
         _ => {}
     }
-    TunnelOutcome { end, response_bytes: response_bytes.into_inner() }
+    TunnelOutcome { end, response_bytes: response_bytes.load(Ordering::Relaxed) }
 }
 
-#[derive(Debug)]
-enum PumpError {
-    Read,
-    Write,
-}
-
-/// One direction: read until EOF, writing everything on, then pass the EOF on as a FIN (half-close).
-async fn pump(
-    reader: &mut ReadHalf<'_>,
-    writer: &mut WriteHalf<'_>,
-    counter: &Counter,
-    moved: &AtomicU64,
+/// One direction of a tunnel and its accounting.
+struct Direction<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    counter: &'a Counter,
+    moved: &'a AtomicU64,
     start: Instant,
-    last_activity: &AtomicU64,
-) -> Result<(), PumpError> {
-    let mut buffer: Option<Box<[u8]>> = None;
-    loop {
-        reader.readable().await.map_err(|_| PumpError::Read)?;
-        let buf = buffer.get_or_insert_with(|| vec![0; COPY_BUFFER].into_boxed_slice());
-        let n = match reader.try_read(buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(_) => return Err(PumpError::Read),
-        };
-        writer.write_all(&buf[..n]).await.map_err(|_| PumpError::Write)?;
-        counter.increment(n as u64);
-        moved.fetch_add(n as u64, Ordering::Relaxed);
-        last_activity.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    last_activity: &'a AtomicU64,
+}
+
+impl Direction<'_> {
+    /// Moves bytes until EOF, then passes the EOF on as a FIN (half-close).
+    async fn pump(self, copy: CopyMode) -> Result<(), MoveError> {
+        let mut mover = Mover::new(copy);
+        loop {
+            let n = mover.move_chunk(self.from, self.to).await?;
+            if n == 0 {
+                break;
+            }
+            self.counter.increment(n as u64);
+            self.moved.fetch_add(n as u64, Ordering::Relaxed);
+            self.last_activity.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        // The peer may already be gone; the other direction reports that.
+        let _ = SockRef::from(self.to).shutdown(std::net::Shutdown::Write);
+        Ok(())
     }
-    // The peer may already be gone; the other direction reports that.
-    let _ = writer.shutdown().await;
-    Ok(())
 }
