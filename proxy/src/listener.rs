@@ -180,7 +180,7 @@ async fn pass_through(
     drop(hello_bytes);
     let counters = TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes };
     let limits = TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy: shared.limits.copy };
-    forward::tunnel(downstream, &mut upstream, counters, limits, &shared.drain).await;
+    forward::tunnel(downstream, &upstream, counters, limits, &shared.drain).await;
     Ok(())
 }
 
@@ -278,7 +278,7 @@ async fn forward_to(
                 max_duration: cluster.settings.max_connection_duration,
                 copy: shared.limits.copy,
             };
-            forward::tunnel(downstream, &mut connected.stream, counters, limits, &shared.drain).await
+            forward::tunnel(downstream, &connected.stream, counters, limits, &shared.drain).await
         }
         Err(_) => TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 },
     };
