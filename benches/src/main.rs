@@ -1,0 +1,81 @@
+//! `crossgate-bench`: compares crossgate with the direct path and the peers. See the README's Benchmarks.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use crossgate_benches::harness::{self, Options};
+use crossgate_benches::targets::{Kind, Launch};
+
+#[derive(Parser)]
+#[command(name = "crossgate-bench", about = "crossgate against the direct path, Envoy, HAProxy, nginx and sniproxy")]
+struct Cli {
+    /// Write report.md, report.json and one SVG chart per figure here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// A few seconds per target: exits non-zero unless every installed target moves bytes correctly.
+    #[arg(long)]
+    quick: bool,
+    /// The crossgate-proxy binary (default: the one beside this program, as `cargo build --release` puts it).
+    #[arg(long)]
+    crossgate_bin: Option<PathBuf>,
+    /// Run crossgate inside the harness instead (no CPU or memory figures for it).
+    #[arg(long, conflicts_with = "crossgate_bin")]
+    in_process: bool,
+    /// Targets to run, comma-separated (direct, crossgate, envoy, haproxy, nginx, sniproxy).
+    #[arg(long, value_delimiter = ',', value_parser = parse_kind)]
+    targets: Option<Vec<Kind>>,
+    /// Worker counts, comma-separated; every proxy gets the same.
+    #[arg(long, value_delimiter = ',')]
+    workers: Option<Vec<usize>>,
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per timed phase.
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Idle tunnels held open for the memory figure.
+    #[arg(long)]
+    idle_tunnels: Option<usize>,
+}
+
+fn parse_kind(name: &str) -> Result<Kind, String> {
+    Kind::parse(name).ok_or_else(|| format!("unknown target {name:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let crossgate = if cli.in_process {
+        Launch::InProcess
+    } else {
+        let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("crossgate-proxy")));
+        match cli.crossgate_bin.or(beside).filter(|path| path.is_file()) {
+            Some(path) => Launch::Binary(path),
+            None => {
+                eprintln!(
+                    "crossgate-bench: no crossgate-proxy binary beside this one; build it (cargo build --release \
+                     -p crossgate-proxy), pass --crossgate-bin, or --in-process"
+                );
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let mut options = if cli.quick { Options::quick(crossgate) } else { Options::full(crossgate) };
+    options.out = cli.out;
+    options.targets = cli.targets.unwrap_or(options.targets);
+    options.workers = cli.workers.unwrap_or(options.workers);
+    options.rounds = cli.rounds.unwrap_or(options.rounds);
+    options.phase = cli.seconds.map_or(options.phase, Duration::from_secs_f64);
+    options.idle_tunnels = cli.idle_tunnels.unwrap_or(options.idle_tunnels);
+
+    match harness::run(&options) {
+        Err(error) => {
+            eprintln!("crossgate-bench: {error:#}");
+            ExitCode::FAILURE
+        }
+        Ok(report) => {
+            println!("{}", report.markdown());
+            if report.failures().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+        }
+    }
+}
