@@ -2,12 +2,9 @@
 //! clusters (a hit, a miss, and a hit that needs case folding).
 
 use std::hint::black_box;
-use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use crossgate_proto::{Cluster, Endpoint, Resources};
-use crossgate_proxy::config::Keepalive;
-use crossgate_proxy::lb::GatewayIdentity;
 use crossgate_proxy::route::{ClusterDefaults, RouteTable, SniKey};
 
 fn sni(i: usize) -> String {
@@ -26,15 +23,8 @@ fn table(n: usize) -> RouteTable {
             ..Cluster::default()
         })
         .collect();
-    let defaults = ClusterDefaults {
-        connect_timeout: Duration::from_secs(10),
-        idle_timeout: Some(Duration::from_secs(3600)),
-        max_connection_duration: None,
-        keepalive: Keepalive { time: Duration::from_secs(300), interval: Duration::from_secs(75), probes: 9 },
-        gateway: GatewayIdentity::default(),
-        lb_policy: None,
-    };
-    RouteTable::build(&Resources { clusters }, &defaults, &RouteTable::default()).expect("valid resources")
+    RouteTable::build(&Resources { clusters }, &ClusterDefaults::default(), &RouteTable::default())
+        .expect("valid resources")
 }
 
 fn key(c: &mut Criterion) {

@@ -111,20 +111,28 @@ async fn an_update_the_gateway_refuses_is_nacked_and_the_last_good_one_serves() 
 }
 
 #[tokio::test]
-async fn a_gateway_is_not_ready_before_its_first_configuration() {
+async fn a_gateway_waits_for_its_first_configuration_before_routing() {
     let address = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
     // Nothing listens there yet.
     let east = gateway(&format!("http://{address}"), "cluster1", "network1", &[]).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!ready(&east).await);
-
     let mesh = mesh();
     let (port, _backends) = backends(&mesh, &["v1"]).await;
+    // A client that arrives before any configuration waits in the backlog instead of being refused.
+    let early = tokio::spawn({
+        let (client, server) = (mesh.client.clone(), mesh.server.clone());
+        let listen = east.listen;
+        async move { common::Mesh { client, server }.call(listen).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!ready(&east).await);
+    assert!(!early.is_finished());
+
     let dir = TempDir::new("e2e-ready");
     let mesh_file = dir.path().join("mesh.yaml");
     std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
     let control = RunningControl::start(&mesh_file, address, None).await;
     eventually(Duration::from_secs(30), "ready once configured", || async { ready(&east).await }).await;
+    assert_eq!(tokio::time::timeout(WITHIN, early).await.unwrap().unwrap().as_deref(), Some("v1"));
     assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1"));
     control.stop().await;
 }

@@ -192,6 +192,12 @@ impl Gateway {
             }
         };
         tokio::spawn(sweep_outliers(Arc::clone(&admin.store), drain.clone()));
+        // Like Envoy, which opens its listeners once configured: until the first configuration is accepted,
+        // connections wait in the kernel's backlog instead of being refused for an SNI not known yet.
+        tokio::select! {
+            () = admin.store.wait_loaded() => {}
+            () = drain.reached(Phase::ListenerClosed) => {}
+        }
         admin.listening.store(true, Ordering::Release);
         tracing::info!(listen = %listener.local_addr()?, "gateway accepting");
         listener::accept_loop(listener, Arc::clone(&shared)).await;

@@ -82,6 +82,21 @@ pub struct ClusterDefaults {
     pub lb_policy: Option<String>,
 }
 
+impl Default for ClusterDefaults {
+    /// Istio's: 10 s connect timeout, Envoy's 1 h tcp_proxy idle timeout, no duration limit; the gateway's
+    /// keepalive defaults; no locality.
+    fn default() -> Self {
+        ClusterDefaults {
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connection_duration: None,
+            keepalive: Keepalive { time: Duration::from_secs(300), interval: Duration::from_secs(75), probes: 9 },
+            gateway: GatewayIdentity::default(),
+            lb_policy: None,
+        }
+    }
+}
+
 /// The connection settings of one cluster, after its DestinationRule's `connectionPool.tcp`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ClusterSettings {
@@ -464,20 +479,9 @@ mod tests {
 mod build_tests {
     use super::*;
 
-    fn defaults() -> ClusterDefaults {
-        ClusterDefaults {
-            connect_timeout: Duration::from_secs(10),
-            idle_timeout: Some(Duration::from_secs(3600)),
-            max_connection_duration: None,
-            keepalive: Keepalive { time: Duration::from_secs(300), interval: Duration::from_secs(75), probes: 9 },
-            gateway: GatewayIdentity::default(),
-            lb_policy: None,
-        }
-    }
-
     fn build(yaml: &str) -> Result<RouteTable, InvalidResources> {
         let resources: Resources = serde_yaml_ng::from_str(yaml).unwrap();
-        RouteTable::build(&resources, &defaults(), &RouteTable::default())
+        RouteTable::build(&resources, &ClusterDefaults::default(), &RouteTable::default())
     }
 
     #[test]

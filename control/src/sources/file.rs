@@ -8,12 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
+use crossgate_files::FileWatch;
 use crossgate_proto::TrafficPolicy;
-use notify::{RecursiveMode, Watcher};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch as channel};
+use tokio::sync::watch as channel;
 
 use crate::model::{
     ClusterModel, DestinationRuleModel, EndpointModel, MeshModel, Protocol, ServiceModel, ServicePort, SubsetModel,
@@ -21,11 +20,6 @@ use crate::model::{
 
 /// The mesh the control service serves when no source is given (`deploy/local/mesh.yaml`).
 pub const EMBEDDED_MESH: &str = include_str!("../../../deploy/local/mesh.yaml");
-
-/// Events are gathered for this long before reading, so that one editor save is one reload.
-const SETTLE: Duration = Duration::from_millis(100);
-/// Reads the file this often even without an event.
-const POLL: Duration = Duration::from_secs(5);
 
 const NETWORK_LABEL: &str = "topology.istio.io/network";
 
@@ -390,40 +384,11 @@ pub async fn watch(
     updates: channel::Sender<MeshModel>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), FileError> {
-    let (events, mut changes) = mpsc::unbounded_channel();
-    let directory = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    let watch_error = |source| FileError::Watch { path: path.clone(), source };
-    // Watching starts before the first read, so that no change in between is missed.
-    let mut watcher = notify::recommended_watcher(move |_event| {
-        let _ = events.send(());
-    })
-    .map_err(watch_error)?;
-    watcher.watch(&directory, RecursiveMode::NonRecursive).map_err(watch_error)?;
+    let watch = FileWatch::start(&path).map_err(|source| FileError::Watch { path: path.clone(), source })?;
     let mut follower = Follower { path, domain, updates, last_read: None };
     follower.reload()?;
-    let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + POLL, POLL);
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => return Ok(()),
-            event = changes.recv() => {
-                if event.is_none() {
-                    return Ok(());
-                }
-                tokio::time::sleep(SETTLE).await;
-                while changes.try_recv().is_ok() {}
-            }
-            _ = poll.tick() => {}
-        }
-        match follower.reload() {
-            Ok(true) => tracing::info!(path = %follower.path.display(), "mesh file reloaded"),
-            Ok(false) => {}
-            Err(error) => tracing::error!(%error, "keeping the previous mesh"),
-        }
-    }
+    watch.follow("mesh", shutdown, || follower.reload()).await;
+    Ok(())
 }
 
 struct Follower {

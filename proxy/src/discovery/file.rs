@@ -1,23 +1,15 @@
 //! The static resources file: the YAML (or JSON) form of `crossgate.discovery.v1.Resources`, reloaded when
-//! it changes. Kubernetes updates a mounted ConfigMap by swapping a symlink in its directory, so the
-//! directory is watched, and a slow poll backs the watch up.
+//! it changes (see `crossgate_files`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
+use crossgate_files::FileWatch;
 use crossgate_proto::Resources;
-use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
 
 use super::ConfigStore;
 use crate::drain::{Drain, Phase};
 use crate::route::InvalidResources;
-
-/// Events are gathered for this long before reading, so that one editor save is one reload.
-const SETTLE: Duration = Duration::from_millis(100);
-/// Reads the file this often even without an event.
-const POLL: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -66,36 +58,9 @@ impl ResourcesFile {
     /// Follows the file until the gateway terminates. Refused versions are logged, and the last good one
     /// keeps serving.
     pub async fn watch(mut self, drain: Drain) -> Result<(), FileError> {
-        let (events, mut changes) = mpsc::unbounded_channel();
-        let directory = match self.path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
-            _ => PathBuf::from("."),
-        };
-        let mut watcher = notify::recommended_watcher(move |_event| {
-            let _ = events.send(());
-        })
-        .map_err(|error| FileError::Watch { path: self.path.clone(), error })?;
-        watcher
-            .watch(&directory, RecursiveMode::NonRecursive)
-            .map_err(|error| FileError::Watch { path: self.path.clone(), error })?;
-        let mut poll = tokio::time::interval(POLL);
-        loop {
-            tokio::select! {
-                _ = drain.reached(Phase::Terminated) => return Ok(()),
-                event = changes.recv() => {
-                    if event.is_none() {
-                        return Ok(());
-                    }
-                    tokio::time::sleep(SETTLE).await;
-                    while changes.try_recv().is_ok() {}
-                }
-                _ = poll.tick() => {}
-            }
-            match self.reload() {
-                Ok(true) => tracing::info!(path = %self.path.display(), "resources reloaded"),
-                Ok(false) => {}
-                Err(error) => tracing::error!(%error, "keeping the previous configuration"),
-            }
-        }
+        let watch =
+            FileWatch::start(&self.path).map_err(|error| FileError::Watch { path: self.path.clone(), error })?;
+        watch.follow("configuration", drain.reached(Phase::Terminated), || self.reload()).await;
+        Ok(())
     }
 }

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use crossgate_proto::Node;
 
 use super::*;
@@ -258,7 +260,7 @@ async fn the_watch_follows_the_file_and_keeps_the_last_good_mesh() {
     assert_eq!(next(&mut receiver).await, "10.0.0.1");
     // A broken version is refused: nothing is published until the next good one.
     std::fs::write(&path, one_endpoint("10.0.0.x")).unwrap();
-    tokio::time::sleep(SETTLE * 3).await;
+    tokio::time::sleep(crossgate_files::SETTLE * 3).await;
     std::fs::write(&path, one_endpoint("10.0.0.2")).unwrap();
     assert_eq!(next(&mut receiver).await, "10.0.0.2");
     // A ConfigMap update: a new file renamed over the old one.
