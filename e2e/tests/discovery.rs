@@ -9,8 +9,7 @@ use std::time::Duration;
 use common::*;
 use crossgate_control::service::TlsFiles;
 use crossgate_proxy::testing::gateway::TempDir;
-use crossgate_proxy::testing::{eventually, metric};
-use tokio::net::TcpListener;
+use crossgate_proxy::testing::{eventually, metric, refusing_address};
 
 #[tokio::test]
 async fn each_gateway_routes_to_its_own_network_and_follows_the_mesh_file() {
@@ -112,8 +111,8 @@ async fn an_update_the_gateway_refuses_is_nacked_and_the_last_good_one_serves() 
 
 #[tokio::test]
 async fn a_gateway_waits_for_its_first_configuration_before_routing() {
-    let address = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-    // Nothing listens there yet.
+    // Nothing listens there yet; no other test uses this loopback address, so the port stays ours.
+    let (reserved, address) = refusing_address(std::net::Ipv4Addr::new(127, 0, 0, 99));
     let east = gateway(&format!("http://{address}"), "cluster1", "network1", &[]).await;
     let mesh = mesh();
     let (port, _backends) = backends(&mesh, &["v1"]).await;
@@ -130,6 +129,7 @@ async fn a_gateway_waits_for_its_first_configuration_before_routing() {
     let dir = TempDir::new("e2e-ready");
     let mesh_file = dir.path().join("mesh.yaml");
     std::fs::write(&mesh_file, mesh_yaml(port, &[(1, "127.0.0.2", "v1")], "")).unwrap();
+    drop(reserved);
     let control = RunningControl::start(&mesh_file, address, None).await;
     eventually(Duration::from_secs(30), "ready once configured", || async { ready(&east).await }).await;
     assert_eq!(tokio::time::timeout(WITHIN, early).await.unwrap().unwrap().as_deref(), Some("v1"));

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crossgate_proxy::testing::gateway::TestGateway;
 use crossgate_proxy::testing::pki::{SIDECAR_ALPN, TestCa, WorkloadIdentity};
 use crossgate_proxy::testing::workload::{self, Dribble, EOF_TRAILER, EchoBackend};
-use crossgate_proxy::testing::{eventually, metric};
+use crossgate_proxy::testing::{eventually, metric, refusing_address};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -218,7 +218,7 @@ async fn every_refusal_closes_and_is_counted() {
 #[tokio::test]
 async fn upstream_refusals_are_counted_with_envoy_flags() {
     let mesh = mesh();
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_reserved, dead) = refusing_address(std::net::Ipv4Addr::LOCALHOST);
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let v2 = "outbound_.5000_.v2_.helloworld.sample.svc.cluster.local";
     let v3 = "outbound_.5000_.v3_.helloworld.sample.svc.cluster.local";
@@ -285,7 +285,7 @@ async fn the_downstream_connection_limit_holds() {
 async fn refused_endpoints_are_skipped() {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "live").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (_reserved, dead) = refusing_address(std::net::Ipv4Addr::LOCALHOST);
     let extra = "  trafficPolicy: { loadBalancer: { simple: ROUND_ROBIN } }\n";
     let gateway = TestGateway::start(&resources(&[dead, backend.address], extra), &[]).await;
     for _ in 0..10 {

@@ -8,6 +8,15 @@ pub mod workload;
 use std::future::Future;
 use std::time::Duration;
 
+/// An address that refuses connections for as long as the returned socket lives: bound, never listening.
+/// (A port from a dropped listener is not dead: a parallel test may be given it next.)
+pub fn refusing_address(ip: std::net::Ipv4Addr) -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind((ip, 0).into()).expect("bind");
+    let address = socket.local_addr().expect("bound");
+    (socket, address)
+}
+
 /// Polls `check` until it holds, or panics with `what` after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
