@@ -1,8 +1,10 @@
 //! Moving a tunnel's bytes from one socket to the other. On Linux the default is splice(2): socket to pipe to
-//! socket, so the bytes never enter user space; the alternative is a user-space buffer. Both allocate their
-//! pipe or buffer only when the first bytes arrive, so that an idle tunnel holds neither. The syscalls go
-//! through nix's safe wrappers: this crate has no `unsafe`.
+//! socket, so the bytes never enter user space; the alternative is a user-space buffer. A pipe or buffer is
+//! lent from a small per-thread pool for one chunk and given back once drained, so that an idle tunnel holds
+//! neither: tens of thousands of idle tunnels would otherwise cost 4 pipe descriptors or 32 KiB each. The
+//! syscalls go through nix's safe wrappers: this crate has no `unsafe`.
 
+use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
 
@@ -33,47 +35,80 @@ pub enum MoveError {
     Write,
 }
 
-/// One direction's mover: its pipe or buffer, made on first use.
-#[derive(Debug)]
-pub enum Mover {
-    Splice(Option<Pipe>),
-    Buffer(Option<Box<[u8]>>),
+/// Pipes and buffers kept per thread for the next chunk; more are closed or freed.
+const POOL: usize = 64;
+
+thread_local! {
+    static PIPES: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+    static BUFFERS: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
+/// One direction's mover: how it moves bytes. It holds no pipe or buffer between chunks.
+#[derive(Debug, Clone, Copy)]
+pub struct Mover {
+    mode: CopyMode,
+}
+
+/// An empty pipe.
 #[derive(Debug)]
 pub struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
 }
 
+fn take_pipe() -> io::Result<Pipe> {
+    match PIPES.with_borrow_mut(Vec::pop) {
+        Some(pipe) => Ok(pipe),
+        None => {
+            let (read, write) = pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+            Ok(Pipe { read, write })
+        }
+    }
+}
+
+/// Only an empty pipe may go back: one that still holds bytes is closed with them.
+fn give_back_pipe(pipe: Pipe) {
+    PIPES.with_borrow_mut(|pool| (pool.len() < POOL).then(|| pool.push(pipe)));
+}
+
+fn take_buffer() -> Box<[u8]> {
+    BUFFERS.with_borrow_mut(Vec::pop).unwrap_or_else(|| vec![0; BUFFER].into_boxed_slice())
+}
+
+fn give_back_buffer(buffer: Box<[u8]>) {
+    BUFFERS.with_borrow_mut(|pool| (pool.len() < POOL).then(|| pool.push(buffer)));
+}
+
 impl Mover {
     pub fn new(mode: CopyMode) -> Self {
-        match mode {
-            CopyMode::Splice => Mover::Splice(None),
-            CopyMode::Buffer => Mover::Buffer(None),
-        }
+        Mover { mode }
     }
 
     /// Waits for bytes on `from` and moves them all to `to`; `Ok(0)` at EOF.
     pub async fn move_chunk(&mut self, from: &TcpStream, to: &TcpStream) -> Result<usize, MoveError> {
         loop {
             from.readable().await.map_err(|_| MoveError::Read)?;
-            let moved = match self {
-                Mover::Splice(pipe) => {
-                    if pipe.is_none() {
-                        match pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC) {
-                            Ok((read, write)) => *pipe = Some(Pipe { read, write }),
-                            // Out of file descriptors for a pipe: this direction copies instead.
-                            Err(_) => *self = Mover::Buffer(None),
+            let moved = match self.mode {
+                CopyMode::Splice => match take_pipe() {
+                    Ok(pipe) => {
+                        let moved = splice_through(&pipe, from, to).await;
+                        // Drained (or never filled): the pipe is empty again.
+                        if !matches!(moved, Err(Some(_))) {
+                            give_back_pipe(pipe);
                         }
+                        moved
+                    }
+                    Err(_) => {
+                        // Out of file descriptors for a pipe: this direction copies through user space instead.
+                        self.mode = CopyMode::Buffer;
                         continue;
                     }
-                    let pipe = pipe.as_ref().expect("made above");
-                    splice_through(pipe, from, to).await
-                }
-                Mover::Buffer(buffer) => {
-                    let buffer = buffer.get_or_insert_with(|| vec![0; BUFFER].into_boxed_slice());
-                    copy_through(buffer, from, to).await
+                },
+                CopyMode::Buffer => {
+                    let mut buffer = take_buffer();
+                    let moved = copy_through(&mut buffer, from, to).await;
+                    give_back_buffer(buffer);
+                    moved
                 }
             };
             match moved {
