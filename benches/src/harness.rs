@@ -28,6 +28,8 @@ pub struct Options {
     pub conn_concurrency: usize,
     pub rr_connections: usize,
     pub idle_tunnels: usize,
+    /// The phases to run, in their fixed order (idle tunnels, bulk, request/response, new connections).
+    pub phases: Vec<Phase>,
     /// Before a turn, wait up to this long for TIME_WAIT sockets left by earlier turns to drain.
     pub time_wait_grace: Duration,
     pub out: Option<PathBuf>,
@@ -45,6 +47,7 @@ impl Options {
             conn_concurrency: 16,
             rr_connections: 16,
             idle_tunnels: 10_000,
+            phases: Phase::ALL.to_vec(),
             time_wait_grace: Duration::from_secs(10),
             out: None,
         }
@@ -63,6 +66,19 @@ impl Options {
             ..Options::full(crossgate)
         }
     }
+}
+
+/// A measured phase of a turn; running one alone helps profiling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Phase {
+    Idle,
+    Bulk,
+    Rr,
+    Conn,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 4] = [Phase::Idle, Phase::Bulk, Phase::Rr, Phase::Conn];
 }
 
 /// The open-file limit asked for at least, where the hard limit may be raised (root with CAP_SYS_RESOURCE).
@@ -194,16 +210,6 @@ impl Bench<'_> {
         let mut running = target.start(workers, backend.address, self.nofile)?;
         let load = Load::new(&self.client, &self.server.dns_name, &SIDECAR_ALPN, running.address, SNI);
         let client = &self.client_runtime;
-        let fail = |what: &str, tally: &Tally| {
-            (tally.failed > 0).then(|| {
-                format!(
-                    "{what}: {} of {} failed, first: {}",
-                    tally.failed,
-                    tally.failed + tally.ok,
-                    tally.first_error.as_deref().unwrap_or("?")
-                )
-            })
-        };
 
         progress.phase("ready");
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -220,7 +226,8 @@ impl Bench<'_> {
         }
 
         let pid = running.pid();
-        if let Some(pid) = pid {
+        let runs = |phase: Phase| self.options.phases.contains(&phase);
+        if let Some(pid) = pid.filter(|_| runs(Phase::Idle)) {
             progress.phase("idle tunnels");
             let rss_before = sys::rss_kib(pid);
             let (tally, held) = client.block_on(load.hold(self.idle_tunnels, 32));
@@ -230,16 +237,17 @@ impl Bench<'_> {
             if !held.is_empty() {
                 sample.idle_kib_per_tunnel = Some(rss_after.saturating_sub(rss_before) as f64 / held.len() as f64);
             }
-            sample.failures.extend(fail("idle tunnels", &tally));
+            sample.failures.extend(failure("idle tunnels", &tally));
             drop(held);
         }
 
         progress.phase("bulk");
         let cpu_before = pid.map(sys::cpu_seconds);
         let mut moved = 0;
-        for (streams, slot) in [(1, &mut sample.bulk_1_gbit_s), (8, &mut sample.bulk_8_gbit_s)] {
+        let bulk = [(1, &mut sample.bulk_1_gbit_s), (8, &mut sample.bulk_8_gbit_s)];
+        for (streams, slot) in bulk.into_iter().filter(|_| runs(Phase::Bulk)) {
             let (tally, bytes, elapsed) = client.block_on(load.bulk(streams, self.options.phase));
-            sample.failures.extend(fail(&format!("bulk over {streams}"), &tally));
+            sample.failures.extend(failure(&format!("bulk over {streams}"), &tally));
             *slot = (bytes > 0).then(|| bytes as f64 * 8.0 / elapsed.as_secs_f64() / 1e9);
             moved += bytes;
         }
@@ -249,25 +257,45 @@ impl Bench<'_> {
             sample.cpu_s_per_gib = Some((sys::cpu_seconds(pid) - before) / (moved as f64 / f64::from(1u32 << 30)));
         }
 
+        if runs(Phase::Rr) {
+            self.request_response(&load, sample, progress);
+        }
+        if runs(Phase::Conn) {
+            // Last: it is the phase that leaves TIME_WAIT sockets behind (on the proxy's upstream side).
+            progress.phase("new connections");
+            let (tally, elapsed) =
+                client.block_on(load.connections(self.options.conn_concurrency, self.options.phase));
+            sample.failures.extend(failure("new connections", &tally));
+            sample.conn_per_s = (tally.ok > 0).then(|| tally.ok as f64 / elapsed.as_secs_f64());
+        }
+        progress.phase("stop");
+        Ok(())
+    }
+
+    fn request_response(&self, load: &Load, sample: &mut Sample, progress: &mut Progress) {
         progress.phase("request/response");
         let (tally, latencies, elapsed) =
-            client.block_on(load.request_response(self.options.rr_connections, self.options.phase));
-        sample.failures.extend(fail("request/response", &tally));
+            self.client_runtime.block_on(load.request_response(self.options.rr_connections, self.options.phase));
+        sample.failures.extend(failure("request/response", &tally));
         if !latencies.is_empty() {
             sample.rr_per_s = Some(latencies.len() as f64 / elapsed.as_secs_f64());
             let micros = |q: f64| latencies.value_at_quantile(q) as f64 / 1000.0;
             (sample.rr_p50_us, sample.rr_p99_us, sample.rr_p999_us) =
                 (Some(micros(0.5)), Some(micros(0.99)), Some(micros(0.999)));
         }
-
-        // Last: it is the phase that leaves TIME_WAIT sockets behind (on the proxy's upstream side).
-        progress.phase("new connections");
-        let (tally, elapsed) = client.block_on(load.connections(self.options.conn_concurrency, self.options.phase));
-        sample.failures.extend(fail("new connections", &tally));
-        sample.conn_per_s = (tally.ok > 0).then(|| tally.ok as f64 / elapsed.as_secs_f64());
-        progress.phase("stop");
-        Ok(())
     }
+}
+
+/// A phase's failures, if any, as one line.
+fn failure(what: &str, tally: &Tally) -> Option<String> {
+    (tally.failed > 0).then(|| {
+        format!(
+            "{what}: {} of {} failed, first: {}",
+            tally.failed,
+            tally.failed + tally.ok,
+            tally.first_error.as_deref().unwrap_or("?")
+        )
+    })
 }
 
 impl Bench<'_> {

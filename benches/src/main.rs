@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use crossgate_benches::harness::{self, Options};
+use crossgate_benches::harness::{self, Options, Phase};
 use crossgate_benches::targets::{Kind, Launch};
 
 #[derive(Parser)]
@@ -37,6 +37,9 @@ struct Cli {
     /// Idle tunnels held open for the memory figure.
     #[arg(long)]
     idle_tunnels: Option<usize>,
+    /// Phases to run, comma-separated (idle, bulk, rr, conn); one alone is handy under a profiler.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    phases: Option<Vec<Phase>>,
 }
 
 fn parse_kind(name: &str) -> Result<Kind, String> {
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
     options.rounds = cli.rounds.unwrap_or(options.rounds);
     options.phase = cli.seconds.map_or(options.phase, Duration::from_secs_f64);
     options.idle_tunnels = cli.idle_tunnels.unwrap_or(options.idle_tunnels);
+    options.phases = cli.phases.unwrap_or(options.phases);
 
     match harness::run(&options) {
         Err(error) => {

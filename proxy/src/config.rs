@@ -110,8 +110,9 @@ pub struct GatewayConfig {
     #[arg(long, env = "CROSSGATE_ISTIOD_PASSTHROUGH", value_delimiter = ',', value_parser = parse_passthrough)]
     pub istiod_passthrough: Vec<PassthroughRoute>,
 
-    /// How tunnels move bytes: `splice` (zero-copy through a pipe) or `buffer` (read/write through user space).
-    #[arg(long, env = "CROSSGATE_COPY", value_enum, default_value_t = CopyMode::Splice)]
+    /// How tunnels move bytes: `auto` (small chunks through a buffer, bulk by splice), `splice` (always zero-copy
+    /// through a pipe) or `buffer` (always read/write through user space).
+    #[arg(long, env = "CROSSGATE_COPY", value_enum, default_value_t = CopyMode::Auto)]
     pub copy: CopyMode,
 
     /// Data-plane worker threads; defaults to the number of cores.

@@ -28,14 +28,22 @@ const OUTLIER_SWEEP: Duration = Duration::from_millis(100);
 /// A bound, configured gateway, ready to run.
 #[derive(Debug)]
 pub struct Gateway {
-    listener: TcpListener,
-    /// The istiod passthrough listeners, each with what its connections share.
-    passthrough: Vec<(TcpListener, Arc<Shared>)>,
+    /// :15443 first, then the istiod passthrough ports.
+    listeners: Vec<Listener>,
+    /// Data-plane threads, each with its own runtime and its own socket of every listener.
+    workers: usize,
     side_doors: [(std::net::TcpListener, Port); 3],
     shared: Arc<Shared>,
     admin: Arc<AdminState>,
     source: Source,
     timing: DrainTiming,
+}
+
+/// One port: a socket per worker (SO_REUSEPORT), and what its connections share.
+#[derive(Debug)]
+struct Listener {
+    sockets: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
 }
 
 /// Where the configuration comes from.
@@ -96,8 +104,10 @@ impl Gateway {
             (None, None) => return Err(ConfigError::NoSource.into()),
         };
 
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let keepalive = config.keepalive();
+        let sockets = listener::bind_group(config.listen, workers, &keepalive)
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
         let bind_side_door = |address: SocketAddr, what: &str| -> anyhow::Result<std::net::TcpListener> {
             let listener = std::net::TcpListener::bind(address)
                 .with_context(|| format!("cannot bind the {what} port {address}"))?;
@@ -120,15 +130,14 @@ impl Gateway {
                 hello_timeout: config.hello_timeout.0,
                 connect_attempts: config.connect_attempts,
                 max_downstream_connections: config.max_downstream_connections,
-                keepalive: config.keepalive(),
+                keepalive,
                 copy: config.copy,
             },
         });
-        let mut passthrough = Vec::new();
+        let mut listeners = vec![Listener { sockets, shared: Arc::clone(&shared) }];
         for route in &config.istiod_passthrough {
             let address = SocketAddr::new(config.listen.ip(), route.port);
-            let listener = TcpListener::bind(address)
-                .await
+            let sockets = listener::bind_group(address, workers, &keepalive)
                 .with_context(|| format!("cannot listen on {address} (istiod passthrough)"))?;
             let name = format!("{}_{}", address.ip(), route.port);
             let routing = telemetry.register(|| {
@@ -142,7 +151,8 @@ impl Gateway {
             let metrics = telemetry.register(|| ListenerMetrics::new(&name));
             let connections = Arc::clone(&shared.connections);
             let (drain, limits) = (drain.clone(), shared.limits);
-            passthrough.push((listener, Arc::new(Shared { routing, metrics, connections, drain, limits })));
+            let shared = Arc::new(Shared { routing, metrics, connections, drain, limits });
+            listeners.push(Listener { sockets, shared });
         }
         let timing = DrainTiming {
             drain_duration: config.drain_duration.0,
@@ -151,11 +161,11 @@ impl Gateway {
             minimum_drain_duration: config.minimum_drain_duration.0,
         };
         let admin = Arc::new(AdminState { store, telemetry, drain, listening: Default::default(), config });
-        Ok(Gateway { listener, passthrough, side_doors, shared, admin, source, timing })
+        Ok(Gateway { listeners, workers, side_doors, shared, admin, source, timing })
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listeners[0].sockets[0].local_addr().expect("bound listener has an address")
     }
 
     pub fn admin_addresses(&self) -> AdminAddresses {
@@ -173,12 +183,10 @@ impl Gateway {
         }
     }
 
-    /// Runs until shutdown (through a [`GatewayHandle`]) has terminated the gateway.
+    /// Runs until shutdown (through a [`GatewayHandle`]) has terminated the gateway. The configuration source
+    /// and the outlier sweep run on the caller's runtime, the data plane on the worker threads.
     pub async fn run(self) -> anyhow::Result<()> {
-        let Gateway { listener, passthrough, side_doors, shared, admin, source, timing: _ } = self;
-        for (listener, shared) in passthrough {
-            tokio::spawn(listener::accept_loop(listener, shared));
-        }
+        let Gateway { listeners, workers, side_doors, shared, admin, source, timing: _ } = self;
         let side_thread = spawn_side_doors(side_doors, Arc::clone(&admin))?;
         let drain = shared.drain.clone();
         let watcher = match source {
@@ -198,12 +206,13 @@ impl Gateway {
             () = admin.store.wait_loaded() => {}
             () = drain.reached(Phase::ListenerClosed) => {}
         }
+        let listen = listeners[0].sockets[0].local_addr()?;
+        let finished = spawn_workers(listeners, workers, &shared)?;
         admin.listening.store(true, Ordering::Release);
-        tracing::info!(listen = %listener.local_addr()?, "gateway accepting");
-        listener::accept_loop(listener, Arc::clone(&shared)).await;
-        drain.reached(Phase::Terminated).await;
-        // Tunnels see Terminated and close; give their tasks a moment to finish.
-        let _ = tokio::time::timeout(CLOSE_WAIT, shared.connections.wait_zero()).await;
+        tracing::info!(%listen, workers, "gateway accepting");
+        for worker in finished {
+            worker.await.map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
+        }
         watcher.await.context("configuration source panicked")??;
         side_thread.join().map_err(|_| anyhow::anyhow!("admin thread panicked"))?;
         Ok(())
@@ -263,6 +272,49 @@ async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
             cluster.lb.tick(now);
         }
     }
+}
+
+/// Starts the data-plane threads, like Envoy's workers: each runs its own single-threaded runtime and accepts
+/// on its own socket of every listener, so a connection lives on one thread from accept to close, without
+/// work stealing or cross-thread wakeups. Each thread ends once the gateway is terminated and its tunnels
+/// have closed (or `CLOSE_WAIT` has passed); the receivers resolve then.
+fn spawn_workers(
+    listeners: Vec<Listener>,
+    workers: usize,
+    shared: &Shared,
+) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
+    let mut shares: Vec<Vec<(std::net::TcpListener, Arc<Shared>)>> = (0..workers).map(|_| Vec::new()).collect();
+    for Listener { sockets, shared } in listeners {
+        for (share, socket) in shares.iter_mut().zip(sockets) {
+            share.push((socket, Arc::clone(&shared)));
+        }
+    }
+    let mut finished = Vec::with_capacity(workers);
+    for (index, share) in shares.into_iter().enumerate() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (drain, connections) = (shared.drain.clone(), Arc::clone(&shared.connections));
+        let (done, done_receiver) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name(format!("crossgate-worker-{index}")).spawn(move || {
+            runtime.block_on(async move {
+                let mut accept_loops = tokio::task::JoinSet::new();
+                for (socket, shared) in share {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => {
+                            accept_loops.spawn(listener::accept_loop(listener, shared));
+                        }
+                        Err(error) => tracing::error!(%error, "cannot accept on a worker's socket"),
+                    }
+                }
+                accept_loops.join_all().await;
+                drain.reached(Phase::Terminated).await;
+                // Tunnels see Terminated and close; give their tasks a moment to finish.
+                let _ = tokio::time::timeout(CLOSE_WAIT, connections.wait_zero()).await;
+            });
+            let _ = done.send(());
+        })?;
+        finished.push(done_receiver);
+    }
+    Ok(finished)
 }
 
 fn spawn_side_doors(

@@ -39,12 +39,8 @@ fn run_cli() -> anyhow::Result<()> {
     if let Some(Command::Simulate(args)) = cli.command {
         return crossgate_proxy::simulate::main_simulate(args);
     }
-    let workers = cli.gateway.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .thread_name("crossgate-worker")
-        .enable_all()
-        .build()?;
+    // The main thread runs the configuration source and the signals; the data plane has threads of its own.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(run(cli.gateway))
 }
 

@@ -68,6 +68,42 @@ async fn mtls_passes_through_intact_both_ways_with_a_buffer() {
     passes_through_intact(&["--copy=buffer"]).await;
 }
 
+/// The default copy switches a direction to splice once a chunk fills its buffer and back once a chunk is
+/// small: exchanges in lockstep must flow before, between and after bulk transfers, with nothing stalled.
+#[tokio::test]
+async fn adaptive_copy_keeps_small_exchanges_flowing_around_bulk() {
+    let mesh = mesh();
+    let backend = EchoBackend::start(&mesh.server, "helloworld-v1").await;
+    let gateway = TestGateway::start(&resources(&[backend.address], ""), &["--copy=auto"]).await;
+    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
+    workload::read_greeting(&mut tls).await.unwrap();
+    let bulk: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    for round in 0..3 {
+        for exchange in 0..20 {
+            let request = format!("round {round} exchange {exchange}");
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = vec![0; request.len()];
+            tokio::time::timeout(WITHIN, tls.read_exact(&mut answer))
+                .await
+                .unwrap_or_else(|_| panic!("{request}: no answer (stalled)"))
+                .unwrap();
+            assert_eq!(answer, request.as_bytes());
+        }
+        let (mut reader, mut writer) = tokio::io::split(tls);
+        let mut echoed = vec![0; bulk.len()];
+        let (written, read) = tokio::time::timeout(
+            WITHIN,
+            async { tokio::join!(writer.write_all(&bulk), reader.read_exact(&mut echoed)) },
+        )
+        .await
+        .unwrap_or_else(|_| panic!("round {round}: bulk stalled"));
+        written.unwrap();
+        read.unwrap();
+        assert!(echoed == bulk, "round {round}: bulk bytes changed in transit");
+        tls = reader.unsplit(writer);
+    }
+}
+
 async fn passes_through_intact(flags: &[&str]) {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "helloworld-v1").await;

@@ -1,8 +1,11 @@
-//! Moving a tunnel's bytes from one socket to the other. On Linux the default is splice(2): socket to pipe to
-//! socket, so the bytes never enter user space; the alternative is a user-space buffer. A pipe or buffer is
-//! lent from a small per-thread pool for one chunk and given back once drained, so that an idle tunnel holds
-//! neither: tens of thousands of idle tunnels would otherwise cost 4 pipe descriptors or 32 KiB each. The
-//! syscalls go through nix's safe wrappers: this crate has no `unsafe`.
+//! Moving a tunnel's bytes from one socket to the other. By default each direction adapts, as HAProxy's
+//! `splice-auto` does: small chunks (handshakes, requests and responses) go through a user-space buffer, whose
+//! short reads prove the socket drained and so spare the read that would only say EAGAIN; once a read fills the
+//! buffer the direction is moving bulk and switches to splice(2), socket to pipe to socket, so the bytes never
+//! enter user space, until a splice comes back short again. A pipe or buffer is lent from a small per-thread
+//! pool for one chunk and given back once drained, so that an idle tunnel holds neither: tens of thousands of
+//! idle tunnels would otherwise cost 4 pipe descriptors or 32 KiB each. The syscalls go through nix's safe
+//! wrappers: this crate has no `unsafe`.
 
 use std::cell::RefCell;
 use std::io;
@@ -17,14 +20,17 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CopyMode {
-    /// splice(2) through a pipe: no copy into user space.
+    /// Small chunks through a buffer, bulk through splice(2).
     #[default]
+    Auto,
+    /// Always splice(2) through a pipe: no copy into user space.
     Splice,
-    /// read(2) into a 16 KiB buffer, write(2) from it.
+    /// Always read(2) into a 16 KiB buffer and write(2) from it.
     Buffer,
 }
 
-/// The user-space buffer size, and the most one splice moves (a pipe's default capacity is 64 KiB).
+/// The user-space buffer size, and the most one splice moves (a pipe's default capacity is 64 KiB). A chunk of
+/// `BUFFER` bytes or more is bulk, for `CopyMode::Auto`.
 const BUFFER: usize = 16 * 1024;
 const SPLICE_CHUNK: usize = 64 * 1024;
 
@@ -47,6 +53,8 @@ thread_local! {
 #[derive(Debug, Clone, Copy)]
 pub struct Mover {
     mode: CopyMode,
+    /// Under `Auto`: the last chunk was bulk, so the next one is spliced.
+    bulk: bool,
 }
 
 /// An empty pipe.
@@ -81,15 +89,20 @@ fn give_back_buffer(buffer: Box<[u8]>) {
 
 impl Mover {
     pub fn new(mode: CopyMode) -> Self {
-        Mover { mode }
+        Mover { mode, bulk: false }
     }
 
     /// Waits for bytes on `from` and moves them all to `to`; `Ok(0)` at EOF.
     pub async fn move_chunk(&mut self, from: &TcpStream, to: &TcpStream) -> Result<usize, MoveError> {
         loop {
             from.readable().await.map_err(|_| MoveError::Read)?;
-            let moved = match self.mode {
-                CopyMode::Splice => match take_pipe() {
+            let splices = match self.mode {
+                CopyMode::Auto => self.bulk,
+                CopyMode::Splice => true,
+                CopyMode::Buffer => false,
+            };
+            let moved = match splices {
+                true => match take_pipe() {
                     Ok(pipe) => {
                         let moved = splice_through(&pipe, from, to).await;
                         // Drained (or never filled): the pipe is empty again.
@@ -104,7 +117,7 @@ impl Mover {
                         continue;
                     }
                 },
-                CopyMode::Buffer => {
+                false => {
                     let mut buffer = take_buffer();
                     let moved = copy_through(&mut buffer, from, to).await;
                     give_back_buffer(buffer);
@@ -114,7 +127,10 @@ impl Mover {
             match moved {
                 Err(Some(error)) => return Err(error),
                 Err(None) => continue,
-                Ok(n) => return Ok(n),
+                Ok(n) => {
+                    self.bulk = n >= BUFFER;
+                    return Ok(n);
+                }
             }
         }
     }
@@ -146,8 +162,17 @@ async fn splice_through(pipe: &Pipe, from: &TcpStream, to: &TcpStream) -> Result
 }
 
 async fn copy_through(buffer: &mut [u8], from: &TcpStream, to: &TcpStream) -> Result<usize, Option<MoveError>> {
-    let n = match from.try_read(buffer) {
+    let mut filled = 0;
+    let read = from.try_io(Interest::READABLE, || {
+        filled = nix::unistd::read(from, buffer)?;
+        // A short read from TCP took all that was queued (as tokio's own poll_read reasons): saying WouldBlock
+        // clears the readiness, so the next chunk waits for epoll instead of a read that would say EAGAIN. A
+        // readiness event that came in meanwhile is kept.
+        if 0 < filled && filled < buffer.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(filled) }
+    });
+    let n = match read {
         Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && filled > 0 => filled,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(None),
         Err(_) => return Err(Some(MoveError::Read)),
     };
@@ -177,7 +202,7 @@ mod tests {
 
     #[tokio::test]
     async fn both_movers_carry_every_byte_and_report_eof() {
-        for mode in [CopyMode::Splice, CopyMode::Buffer] {
+        for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Buffer] {
             // source -> (a, b) -> mover -> (c, d) -> sink
             let ((mut source, b), (c, mut sink)) = (pair().await, pair().await);
             let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();

@@ -23,10 +23,11 @@ use crate::metrics::RejectReason;
 use crate::route::RouteCluster;
 
 /// Sets the options both sides of a tunnel get: no Nagle delay (TLS records are already framed) and
-/// keepalive probes so that dead peers are noticed.
-pub fn tune_socket(stream: &TcpStream, keepalive: &Keepalive) -> io::Result<()> {
-    stream.set_nodelay(true)?;
-    SockRef::from(stream).set_tcp_keepalive(
+/// keepalive probes so that dead peers are noticed. Set on a listener, they are inherited by every socket it
+/// accepts.
+pub fn tune_socket(socket: SockRef<'_>, keepalive: &Keepalive) -> io::Result<()> {
+    socket.set_tcp_nodelay(true)?;
+    socket.set_tcp_keepalive(
         &TcpKeepalive::new().with_time(keepalive.time).with_interval(keepalive.interval).with_retries(keepalive.probes),
     )
 }
@@ -92,10 +93,7 @@ pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize
 
 pub async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_nodelay(true)?;
-    SockRef::from(&socket).set_tcp_keepalive(
-        &TcpKeepalive::new().with_time(keepalive.time).with_interval(keepalive.interval).with_retries(keepalive.probes),
-    )?;
+    tune_socket(SockRef::from(&socket), keepalive)?;
     socket.connect(address).await
 }
 
