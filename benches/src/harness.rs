@@ -263,8 +263,7 @@ impl Bench<'_> {
         if runs(Phase::Conn) {
             // Last: it is the phase that leaves TIME_WAIT sockets behind (on the proxy's upstream side).
             progress.phase("new connections");
-            let (tally, elapsed) =
-                client.block_on(load.connections(self.options.conn_concurrency, self.options.phase));
+            let (tally, elapsed) = client.block_on(load.connections(self.options.conn_concurrency, self.options.phase));
             sample.failures.extend(failure("new connections", &tally));
             sample.conn_per_s = (tally.ok > 0).then(|| tally.ok as f64 / elapsed.as_secs_f64());
         }

@@ -24,11 +24,13 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct Drain {
     phase: watch::Sender<Phase>,
+    /// Woken once at `Terminated`: what every tunnel waits on, and cheaper to hold than a watch receiver.
+    terminate: Arc<Notify>,
 }
 
 impl Default for Drain {
     fn default() -> Self {
-        Drain { phase: watch::Sender::new(Phase::Running) }
+        Drain { phase: watch::Sender::new(Phase::Running), terminate: Arc::default() }
     }
 }
 
@@ -39,13 +41,25 @@ impl Drain {
 
     /// Moves to `phase` unless shutdown has already gone further.
     pub fn advance(&self, phase: Phase) {
-        self.phase.send_if_modified(|current| {
+        let terminates = self.phase.send_if_modified(|current| {
             let later = phase > *current;
             if later {
                 *current = phase;
             }
             later
-        });
+        }) && phase == Phase::Terminated;
+        if terminates {
+            self.terminate.notify_waiters();
+        }
+    }
+
+    /// Resolves once the phase is `Terminated`; what each tunnel holds, so it is kept small.
+    pub async fn terminated(&self) {
+        // Made before the phase is read: a notification between the two is not lost.
+        let notified = self.terminate.notified();
+        if self.phase() < Phase::Terminated {
+            notified.await;
+        }
     }
 
     /// Resolves once the phase is `phase` or later.
@@ -188,5 +202,21 @@ mod tests {
         shut_down(&drain, &connections, timing(true)).await;
         assert_eq!(start.elapsed(), Duration::from_secs(2));
         assert_eq!(drain.phase(), Phase::Terminated);
+    }
+
+    #[tokio::test]
+    async fn terminated_wakes_waiters_made_before_and_answers_at_once_after() {
+        let drain = Drain::default();
+        let waiting = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.terminated().await }
+        });
+        tokio::task::yield_now().await;
+        drain.advance(Phase::ListenerClosed);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "woken before Terminated");
+        drain.advance(Phase::Terminated);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("waiter woken").unwrap();
+        tokio::time::timeout(Duration::from_secs(5), drain.terminated()).await.expect("resolves at once");
     }
 }

@@ -20,7 +20,7 @@ use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits, Tu
 use crate::lb::Outcome;
 use crate::metrics::{ListenerMetrics, RejectReason};
 use crate::route::{RouteCluster, is_istio_alpn};
-use crate::tls::hello::{self, HelloError, MAX_HELLO_BYTES, Parse};
+use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};
 
 /// The first read's buffer; most hellos fit, post-quantum ones grow it once.
 const INITIAL_HELLO_BUFFER: usize = 2048;
@@ -87,7 +87,11 @@ const BACKLOG: i32 = 4096;
 /// connections over the workers and none of them contends on a shared accept queue. Given port 0, the first
 /// socket picks the port and the others join it. Each is tuned as tunnel sockets are (see
 /// [`forward::tune_socket`]): accepted sockets inherit the options, which saves five syscalls per connection.
-pub fn bind_group(address: SocketAddr, workers: usize, keepalive: &Keepalive) -> io::Result<Vec<std::net::TcpListener>> {
+pub fn bind_group(
+    address: SocketAddr,
+    workers: usize,
+    keepalive: &Keepalive,
+) -> io::Result<Vec<std::net::TcpListener>> {
     let first = bind_reusable(address, keepalive)?;
     let bound = first.local_addr()?;
     let mut group = vec![first];
@@ -134,62 +138,152 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 /// Increments a gauge for as long as it lives.
-struct GaugeGuard<'a>(&'a Gauge);
+struct GaugeGuard(Gauge);
 
-impl<'a> GaugeGuard<'a> {
-    fn new(gauge: &'a Gauge) -> Self {
+impl GaugeGuard {
+    fn new(gauge: &Gauge) -> Self {
         gauge.increment(1.0);
-        GaugeGuard(gauge)
+        GaugeGuard(gauge.clone())
     }
 }
 
-impl Drop for GaugeGuard<'_> {
+impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
     }
 }
 
-async fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let (_open, open_now) = shared.connections.open();
-    let metrics = &shared.metrics;
-    metrics.downstream_cx_total.increment(1);
-    let _active = GaugeGuard::new(&metrics.downstream_cx_active);
-    let outcome = if open_now > shared.limits.max_downstream_connections {
-        Err(RejectReason::DownstreamOverflow)
-    } else {
+/// One downstream connection, from accept to close. Everything before the tunnel (hello, route, connect) runs
+/// in a boxed future, freed once the tunnel starts: an open tunnel's task then holds little more than the
+/// tunnel itself, which is what tens of thousands of idle tunnels cost.
+///
+/// A plain function returning an `async move` block, not an `async fn`: an async fn keeps a second copy of its
+/// arguments in its state for as long as it runs (rust-lang/rust#62958).
+#[allow(clippy::manual_async_fn)]
+fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> impl Future<Output = ()> {
+    async move {
+        let (_open, open_now) = shared.connections.open();
+        let metrics = &shared.metrics;
+        metrics.downstream_cx_total.increment(1);
+        let _active = GaugeGuard::new(&metrics.downstream_cx_active);
+        if open_now > shared.limits.max_downstream_connections {
+            return refused(metrics, peer, RejectReason::DownstreamOverflow);
+        }
         // Nagle and keepalive were set on the listener, and came with the socket.
-        route_and_forward(&mut downstream, peer, &shared).await
-    };
-    if let Err(reason) = outcome {
-        metrics.rejected(reason).increment(1);
-        tracing::debug!(%peer, reason = reason.label(), "connection refused");
+        let upstream = match Box::pin(open_upstream(&mut downstream, peer, &shared)).await {
+            Ok(Some(upstream)) => upstream,
+            Ok(None) => return,
+            Err(reason) => return refused(metrics, peer, reason),
+        };
+        let (counters, limits) = (upstream.counters(), upstream.limits(&shared.limits));
+        let outcome = forward::tunnel(&downstream, &upstream.stream, counters, limits, &shared.drain).await;
+        upstream.closed(outcome, peer);
     }
 }
 
-async fn route_and_forward(downstream: &mut TcpStream, peer: SocketAddr, shared: &Shared) -> Result<(), RejectReason> {
-    let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
-    tokio::select! {
-        read = timeout(shared.limits.hello_timeout, read_hello(downstream, &mut hello_bytes)) => {
-            read.map_err(|_| RejectReason::HelloTimeout)??;
+fn refused(metrics: &ListenerMetrics, peer: SocketAddr, reason: RejectReason) {
+    metrics.rejected(reason).increment(1);
+    tracing::debug!(%peer, reason = reason.label(), "connection refused");
+}
+
+/// An upstream connection that has been given the ClientHello, ready to carry the tunnel.
+struct Upstream<'s> {
+    stream: TcpStream,
+    route: UpstreamRoute<'s>,
+}
+
+enum UpstreamRoute<'s> {
+    Cluster {
+        slot: ClusterSlot,
+        endpoint: usize,
+        address: SocketAddr,
+        /// The host's open-connection count (LEAST_REQUEST), held until the tunnel ends.
+        _picked: crate::lb::Picked,
+        _active: GaugeGuard,
+    },
+    Passthrough(&'s Passthrough),
+}
+
+impl Upstream<'_> {
+    fn counters(&self) -> TunnelCounters<'_> {
+        match &self.route {
+            UpstreamRoute::Cluster { slot, endpoint, .. } => {
+                let metrics = &slot.0.endpoints[*endpoint].metrics;
+                TunnelCounters { request: &metrics.received_bytes, response: &metrics.sent_bytes }
+            }
+            UpstreamRoute::Passthrough(passthrough) => {
+                TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes }
+            }
         }
-        () = shared.drain.reached(Phase::Terminated) => return Ok(()),
     }
-    match &shared.routing {
-        Routing::Sni(store) => {
-            let cluster = route(&hello_bytes, store)?;
-            forward_to(downstream, peer, hello_bytes, &cluster, shared).await
+
+    fn limits(&self, limits: &Limits) -> TunnelLimits {
+        match &self.route {
+            UpstreamRoute::Cluster { slot, .. } => TunnelLimits {
+                idle_timeout: slot.0.settings.idle_timeout,
+                max_duration: slot.0.settings.max_connection_duration,
+                copy: limits.copy,
+            },
+            UpstreamRoute::Passthrough(passthrough) => {
+                TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy: limits.copy }
+            }
         }
-        Routing::Passthrough(passthrough) => pass_through(downstream, hello_bytes, passthrough, shared).await,
+    }
+
+    /// The tunnel's end, for outlier detection and the cluster's metrics.
+    fn closed(self, outcome: TunnelOutcome, peer: SocketAddr) {
+        let UpstreamRoute::Cluster { slot, endpoint, address, .. } = self.route else { return };
+        let cluster = &slot.0;
+        upstream_closed(cluster, endpoint, outcome);
+        tracing::debug!(%peer, cluster = %cluster.name, upstream = %address, end = ?outcome.end, "tunnel closed");
     }
 }
 
-/// Connects to the passthrough upstream (each resolved address in turn) and tunnels.
-async fn pass_through(
+fn upstream_closed(cluster: &RouteCluster, endpoint: usize, outcome: TunnelOutcome) {
+    if outcome.end == TunnelEnd::UpstreamReset && outcome.response_bytes == 0 {
+        cluster.lb.report(endpoint, Outcome::Reset, std::time::Instant::now());
+    }
+    match outcome.end {
+        TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
+        TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
+        _ => {}
+    }
+    cluster.endpoints[endpoint].metrics.connections_closed.increment(1);
+}
+
+/// Reads the ClientHello, routes it, connects upstream and passes the hello on. `None`: nothing to tunnel,
+/// and nothing to count as refused (terminated while waiting, or the upstream went away as it was given the
+/// hello).
+async fn open_upstream<'s>(
     downstream: &mut TcpStream,
-    hello_bytes: Vec<u8>,
-    passthrough: &Passthrough,
+    peer: SocketAddr,
+    shared: &'s Shared,
+) -> Result<Option<Upstream<'s>>, RejectReason> {
+    let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
+    let route_hello = |hello: &ClientHello<'_>| match &shared.routing {
+        Routing::Sni(store) => route(hello, store).map(Some),
+        Routing::Passthrough(_) => Ok(None),
+    };
+    let cluster = tokio::select! {
+        read = timeout(shared.limits.hello_timeout, read_hello(downstream, &mut hello_bytes, route_hello)) => {
+            read.map_err(|_| RejectReason::HelloTimeout)??
+        }
+        () = shared.drain.terminated() => return Ok(None),
+    };
+    let upstream = match (cluster, &shared.routing) {
+        (Some(cluster), _) => connect_cluster(cluster, peer, &hello_bytes, shared).await?,
+        (None, Routing::Passthrough(passthrough)) => connect_passthrough(passthrough, &hello_bytes, shared).await?,
+        (None, Routing::Sni(_)) => unreachable!("an SNI route gives a cluster or a refusal"),
+    };
+    Ok(upstream)
+}
+
+/// Connects to the passthrough upstream (each resolved address in turn) and gives it the hello.
+async fn connect_passthrough<'s>(
+    passthrough: &'s Passthrough,
+    hello_bytes: &[u8],
     shared: &Shared,
-) -> Result<(), RejectReason> {
+) -> Result<Option<Upstream<'s>>, RejectReason> {
     let connect = async {
         let addresses = tokio::net::lookup_host(&passthrough.upstream).await.ok()?;
         for address in addresses.take(shared.limits.connect_attempts) {
@@ -200,28 +294,32 @@ async fn pass_through(
         }
         None
     };
-    let Some(mut upstream) = connect.await else {
+    let Some(mut stream) = connect.await else {
         tracing::debug!(upstream = %passthrough.upstream, "passthrough upstream unreachable");
         return Err(RejectReason::UpstreamConnectFailed);
     };
-    if upstream.write_all(&hello_bytes).await.is_err() {
-        return Ok(());
+    if stream.write_all(hello_bytes).await.is_err() {
+        return Ok(None);
     }
     passthrough.request_bytes.increment(hello_bytes.len() as u64);
-    drop(hello_bytes);
-    let counters = TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes };
-    let limits = TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy: shared.limits.copy };
-    forward::tunnel(downstream, &upstream, counters, limits, &shared.drain).await;
-    Ok(())
+    Ok(Some(Upstream { stream, route: UpstreamRoute::Passthrough(passthrough) }))
 }
 
-/// Reads until `buf` holds a whole ClientHello (or more: early data may follow it, and is forwarded).
-async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), RejectReason> {
+/// Reads until `buf` holds a whole ClientHello (or more: early data may follow it, and is forwarded), and
+/// gives the parsed hello to `on_hello`: parsed once, borrowed from `buf`.
+async fn read_hello<T>(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    on_hello: impl FnOnce(&ClientHello<'_>) -> Result<T, RejectReason>,
+) -> Result<T, RejectReason> {
     loop {
         match hello::parse(buf) {
-            Ok(Parse::Complete(_)) => return Ok(()),
+            Ok(Parse::Complete(hello)) => return on_hello(&hello),
             Ok(Parse::NeedMore) => {}
-            Err(error) => return Err(hello_reject(&error)),
+            Err(error) => {
+                tracing::debug!(%error, "not a ClientHello to route");
+                return Err(RejectReason::from(&error));
+            }
         }
         if buf.len() >= MAX_HELLO_BYTES {
             return Err(RejectReason::HelloTooLarge);
@@ -237,21 +335,9 @@ async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<(), Rej
     }
 }
 
-fn hello_reject(error: &HelloError) -> RejectReason {
-    match error {
-        HelloError::NotTls => RejectReason::NotTls,
-        HelloError::NotClientHello => RejectReason::NotClientHello,
-        HelloError::TooLarge => RejectReason::HelloTooLarge,
-        HelloError::Malformed(_) => RejectReason::MalformedHello,
-    }
-}
-
 /// The cluster the hello asks for, as Envoy's AUTO_PASSTHROUGH filter chains match: the SNI names a known
 /// cluster and the client offers one of Istio's mTLS ALPNs.
-fn route(hello_bytes: &[u8], store: &ConfigStore) -> Result<Arc<RouteCluster>, RejectReason> {
-    let Ok(Parse::Complete(hello)) = hello::parse(hello_bytes) else {
-        return Err(RejectReason::MalformedHello);
-    };
+fn route(hello: &ClientHello<'_>, store: &ConfigStore) -> Result<Arc<RouteCluster>, RejectReason> {
     let sni = hello.server_name().ok_or(RejectReason::NoSni)?;
     let routes = store.routes();
     let cluster = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
@@ -261,70 +347,53 @@ fn route(hello_bytes: &[u8], store: &ConfigStore) -> Result<Arc<RouteCluster>, R
     Ok(Arc::clone(cluster))
 }
 
-/// Holds one slot of a cluster's connection limit.
-struct ClusterSlot<'a>(&'a RouteCluster);
+/// Holds one slot of a cluster's connection limit, and the cluster.
+struct ClusterSlot(Arc<RouteCluster>);
 
-impl<'a> ClusterSlot<'a> {
-    fn take(cluster: &'a RouteCluster) -> Option<Self> {
+impl ClusterSlot {
+    fn take(cluster: Arc<RouteCluster>) -> Result<Self, RejectReason> {
         use std::sync::atomic::Ordering;
         let open = cluster.active.fetch_add(1, Ordering::AcqRel);
         let slot = ClusterSlot(cluster);
-        (open < cluster.settings.max_connections).then_some(slot)
+        if open < slot.0.settings.max_connections {
+            Ok(slot)
+        } else {
+            slot.0.metrics.upstream_cx_overflow.increment(1);
+            slot.0.record_refused(RejectReason::UpstreamOverflow);
+            Err(RejectReason::UpstreamOverflow)
+        }
     }
 }
 
-impl Drop for ClusterSlot<'_> {
+impl Drop for ClusterSlot {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
-async fn forward_to(
-    downstream: &mut TcpStream,
+/// Takes a slot of the cluster's connection limit, connects to one of its endpoints and gives it the hello.
+async fn connect_cluster<'s>(
+    cluster: Arc<RouteCluster>,
     peer: SocketAddr,
-    hello_bytes: Vec<u8>,
-    cluster: &RouteCluster,
+    hello_bytes: &[u8],
     shared: &Shared,
-) -> Result<(), RejectReason> {
-    let refuse = |reason: RejectReason| {
+) -> Result<Option<Upstream<'s>>, RejectReason> {
+    let slot = ClusterSlot::take(cluster)?;
+    let cluster = &slot.0;
+    let connected = forward::connect(cluster, peer, shared.limits.connect_attempts).await.inspect_err(|&reason| {
         cluster.record_refused(reason);
-        reason
-    };
-    let Some(_slot) = ClusterSlot::take(cluster) else {
-        cluster.metrics.upstream_cx_overflow.increment(1);
-        return Err(refuse(RejectReason::UpstreamOverflow));
-    };
-    let mut connected = forward::connect(cluster, peer, shared.limits.connect_attempts).await.map_err(refuse)?;
+    })?;
     let endpoint = &cluster.endpoints[connected.endpoint];
     endpoint.metrics.connections_opened.increment(1);
-    let _upstream_active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
-    let outcome = match connected.stream.write_all(&hello_bytes).await {
-        Ok(()) => {
-            endpoint.metrics.received_bytes.increment(hello_bytes.len() as u64);
-            drop(hello_bytes);
-            let counters =
-                TunnelCounters { request: &endpoint.metrics.received_bytes, response: &endpoint.metrics.sent_bytes };
-            let limits = TunnelLimits {
-                idle_timeout: cluster.settings.idle_timeout,
-                max_duration: cluster.settings.max_connection_duration,
-                copy: shared.limits.copy,
-            };
-            forward::tunnel(downstream, &connected.stream, counters, limits, &shared.drain).await
-        }
-        Err(_) => TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 },
-    };
-    if outcome.end == TunnelEnd::UpstreamReset && outcome.response_bytes == 0 {
-        cluster.lb.report(connected.endpoint, Outcome::Reset, std::time::Instant::now());
+    let _active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
+    let forward::Connected { mut stream, endpoint: index, address, picked } = connected;
+    if stream.write_all(hello_bytes).await.is_err() {
+        upstream_closed(cluster, index, TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 });
+        return Ok(None);
     }
-    let end = outcome.end;
-    match end {
-        TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
-        TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
-        _ => {}
-    }
-    endpoint.metrics.connections_closed.increment(1);
-    tracing::debug!(%peer, cluster = %cluster.name, upstream = %connected.address, ?end, "tunnel closed");
-    Ok(())
+    endpoint.metrics.received_bytes.increment(hello_bytes.len() as u64);
+    let route = UpstreamRoute::Cluster { slot, endpoint: index, address, _picked: picked, _active };
+    Ok(Some(Upstream { stream, route }))
 }
 
 #[cfg(test)]
@@ -357,5 +426,29 @@ mod tests {
         assert_eq!(stream.tcp_keepalive_time().unwrap(), keepalive.time);
         assert_eq!(stream.tcp_keepalive_interval().unwrap(), keepalive.interval);
         assert_eq!(stream.tcp_keepalive_retries().unwrap(), keepalive.probes);
+    }
+
+    /// An idle tunnel costs its task's state: the README's memory figure rests on keeping it this small.
+    #[tokio::test]
+    async fn a_connection_task_stays_under_a_kibibyte() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let passthrough = Passthrough::new("istiod:15012", "test", Duration::from_secs(1), None);
+        let shared = Arc::new(Shared {
+            routing: Routing::Passthrough(passthrough),
+            metrics: ListenerMetrics::new("test"),
+            connections: Arc::default(),
+            drain: Drain::default(),
+            limits: Limits {
+                hello_timeout: Duration::from_secs(1),
+                connect_attempts: 1,
+                max_downstream_connections: 1,
+                keepalive: Keepalive { time: Duration::from_secs(1), interval: Duration::from_secs(1), probes: 1 },
+                copy: CopyMode::Auto,
+            },
+        });
+        let task = serve_connection(stream, "127.0.0.1:1".parse().unwrap(), shared);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "a connection's task state grew to {size} bytes");
     }
 }

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use metrics::{Counter, Gauge, Label};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
+use crate::tls::hello::HelloError;
+
 /// The gateway's metric registry and its Prometheus rendering.
 pub struct Telemetry {
     recorder: PrometheusRecorder,
@@ -68,6 +70,17 @@ pub enum RejectReason {
     NoHealthyUpstream,
     /// Every attempted endpoint refused or timed out (Envoy: UF).
     UpstreamConnectFailed,
+}
+
+impl From<&HelloError> for RejectReason {
+    fn from(error: &HelloError) -> Self {
+        match error {
+            HelloError::NotTls => RejectReason::NotTls,
+            HelloError::NotClientHello => RejectReason::NotClientHello,
+            HelloError::TooLarge => RejectReason::HelloTooLarge,
+            HelloError::Malformed(_) => RejectReason::MalformedHello,
+        }
+    }
 }
 
 impl RejectReason {

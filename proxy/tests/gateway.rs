@@ -91,10 +91,9 @@ async fn adaptive_copy_keeps_small_exchanges_flowing_around_bulk() {
         }
         let (mut reader, mut writer) = tokio::io::split(tls);
         let mut echoed = vec![0; bulk.len()];
-        let (written, read) = tokio::time::timeout(
-            WITHIN,
-            async { tokio::join!(writer.write_all(&bulk), reader.read_exact(&mut echoed)) },
-        )
+        let (written, read) = tokio::time::timeout(WITHIN, async {
+            tokio::join!(writer.write_all(&bulk), reader.read_exact(&mut echoed))
+        })
         .await
         .unwrap_or_else(|_| panic!("round {round}: bulk stalled"));
         written.unwrap();

@@ -34,13 +34,6 @@ pub enum CopyMode {
 const BUFFER: usize = 16 * 1024;
 const SPLICE_CHUNK: usize = 64 * 1024;
 
-/// Which side failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MoveError {
-    Read,
-    Write,
-}
-
 /// Pipes and buffers kept per thread for the next chunk; more are closed or freed.
 const POOL: usize = 64;
 
@@ -87,147 +80,119 @@ fn give_back_buffer(buffer: Box<[u8]>) {
     BUFFERS.with_borrow_mut(|pool| (pool.len() < POOL).then(|| pool.push(buffer)));
 }
 
+/// Bytes read from one socket and not yet all written to the other. Dropped before that (the tunnel ended),
+/// its pipe is closed with the bytes and its buffer freed.
+#[derive(Debug)]
+pub struct Chunk {
+    len: usize,
+    held: Held,
+}
+
+#[derive(Debug)]
+enum Held {
+    /// `left` bytes still in the pipe.
+    Pipe { pipe: Pipe, left: usize },
+    /// `buffer[start..end]` still to write.
+    Buffer { buffer: Box<[u8]>, start: usize, end: usize },
+}
+
+const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
+
 impl Mover {
     pub fn new(mode: CopyMode) -> Self {
         Mover { mode, bulk: false }
     }
 
-    /// Waits for bytes on `from` and moves them all to `to`; `Ok(0)` at EOF.
-    pub async fn move_chunk(&mut self, from: &TcpStream, to: &TcpStream) -> Result<usize, MoveError> {
-        loop {
-            from.readable().await.map_err(|_| MoveError::Read)?;
-            let splices = match self.mode {
-                CopyMode::Auto => self.bulk,
-                CopyMode::Splice => true,
-                CopyMode::Buffer => false,
-            };
-            let moved = match splices {
-                true => match take_pipe() {
-                    Ok(pipe) => {
-                        let moved = splice_through(&pipe, from, to).await;
-                        // Drained (or never filled): the pipe is empty again.
-                        if !matches!(moved, Err(Some(_))) {
-                            give_back_pipe(pipe);
-                        }
-                        moved
+    /// Reads the next chunk from `from` without waiting: `Ok(None)` at EOF, `WouldBlock` when nothing is
+    /// ready (the readiness is then cleared, so `poll_read_ready` waits for more).
+    pub fn read(&mut self, from: &TcpStream) -> io::Result<Option<Chunk>> {
+        let splices = match self.mode {
+            CopyMode::Auto => self.bulk,
+            CopyMode::Splice => true,
+            CopyMode::Buffer => false,
+        };
+        let chunk = match splices.then(take_pipe) {
+            Some(Ok(pipe)) => {
+                let filled = from.try_io(Interest::READABLE, || {
+                    splice(from, None, &pipe.write, None, SPLICE_CHUNK, FLAGS).map_err(io::Error::from)
+                });
+                match filled {
+                    Ok(n) if n > 0 => Some(Chunk { len: n, held: Held::Pipe { pipe, left: n } }),
+                    // Nothing went into the pipe: it is empty.
+                    other => {
+                        give_back_pipe(pipe);
+                        other?;
+                        None
                     }
-                    Err(_) => {
-                        // Out of file descriptors for a pipe: this direction copies through user space instead.
-                        self.mode = CopyMode::Buffer;
-                        continue;
-                    }
-                },
-                false => {
-                    let mut buffer = take_buffer();
-                    let moved = copy_through(&mut buffer, from, to).await;
-                    give_back_buffer(buffer);
-                    moved
-                }
-            };
-            match moved {
-                Err(Some(error)) => return Err(error),
-                Err(None) => continue,
-                Ok(n) => {
-                    self.bulk = n >= BUFFER;
-                    return Ok(n);
                 }
             }
+            Some(Err(_)) => {
+                // Out of file descriptors for a pipe: this direction copies through user space instead.
+                self.mode = CopyMode::Buffer;
+                return self.read(from);
+            }
+            None => read_into_buffer(from)?,
+        };
+        if let Some(chunk) = &chunk {
+            self.bulk = chunk.len >= BUFFER;
         }
+        Ok(chunk)
     }
 }
 
-const FLAGS: SpliceFFlags = SpliceFFlags::SPLICE_F_MOVE.union(SpliceFFlags::SPLICE_F_NONBLOCK);
-
-/// `Err(None)`: nothing was ready after all (readiness was stale).
-async fn splice_through(pipe: &Pipe, from: &TcpStream, to: &TcpStream) -> Result<usize, Option<MoveError>> {
-    let filled = from.try_io(Interest::READABLE, || {
-        splice(from, None, &pipe.write, None, SPLICE_CHUNK, FLAGS).map_err(io::Error::from)
-    });
-    let n = match filled {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(None),
-        Err(_) => return Err(Some(MoveError::Read)),
-    };
-    let mut left = n;
-    while left > 0 {
-        to.writable().await.map_err(|_| Some(MoveError::Write))?;
-        match to.try_io(Interest::WRITABLE, || splice(&pipe.read, None, to, None, left, FLAGS).map_err(io::Error::from))
-        {
-            Ok(m) => left -= m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Some(MoveError::Write)),
-        }
-    }
-    Ok(n)
-}
-
-async fn copy_through(buffer: &mut [u8], from: &TcpStream, to: &TcpStream) -> Result<usize, Option<MoveError>> {
+fn read_into_buffer(from: &TcpStream) -> io::Result<Option<Chunk>> {
+    let mut buffer = take_buffer();
     let mut filled = 0;
     let read = from.try_io(Interest::READABLE, || {
-        filled = nix::unistd::read(from, buffer)?;
+        filled = nix::unistd::read(from, &mut buffer)?;
         // A short read from TCP took all that was queued (as tokio's own poll_read reasons): saying WouldBlock
         // clears the readiness, so the next chunk waits for epoll instead of a read that would say EAGAIN. A
         // readiness event that came in meanwhile is kept.
         if 0 < filled && filled < buffer.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(filled) }
     });
-    let n = match read {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && filled > 0 => filled,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(None),
-        Err(_) => return Err(Some(MoveError::Read)),
-    };
-    let mut written = 0;
-    while written < n {
-        to.writable().await.map_err(|_| Some(MoveError::Write))?;
-        match to.try_write(&buffer[written..n]) {
-            Ok(m) => written += m,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return Err(Some(MoveError::Write)),
+    match read {
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock || filled == 0 => {
+            give_back_buffer(buffer);
+            Err(e)
         }
+        _ if filled == 0 => {
+            give_back_buffer(buffer);
+            Ok(None)
+        }
+        _ => Ok(Some(Chunk { len: filled, held: Held::Buffer { buffer, start: 0, end: filled } })),
     }
-    Ok(n)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        (client, listener.accept().await.unwrap().0)
+impl Chunk {
+    /// The bytes read.
+    pub fn len(&self) -> usize {
+        self.len
     }
 
-    #[tokio::test]
-    async fn both_movers_carry_every_byte_and_report_eof() {
-        for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Buffer] {
-            // source -> (a, b) -> mover -> (c, d) -> sink
-            let ((mut source, b), (c, mut sink)) = (pair().await, pair().await);
-            let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-            let sent = payload.clone();
-            let writer = tokio::spawn(async move {
-                source.write_all(&sent).await.unwrap();
-                source.shutdown().await.unwrap();
-            });
-            let reader = tokio::spawn(async move {
-                let mut received = Vec::new();
-                sink.read_to_end(&mut received).await.unwrap();
-                received
-            });
-            let mut mover = Mover::new(mode);
-            let mut total = 0;
-            loop {
-                match mover.move_chunk(&b, &c).await.unwrap() {
-                    0 => break,
-                    n => total += n,
-                }
+    /// Writes what `to` takes without waiting: `Ok(true)` once all is written (the pipe or buffer is then
+    /// back in the pool), `WouldBlock` when `to` is full (readiness cleared, as for `read`).
+    pub fn write(&mut self, to: &TcpStream) -> io::Result<bool> {
+        let done = match &mut self.held {
+            Held::Pipe { pipe, left } => {
+                *left -= to.try_io(Interest::WRITABLE, || {
+                    splice(&pipe.read, None, to, None, *left, FLAGS).map_err(io::Error::from)
+                })?;
+                *left == 0
             }
-            drop(c);
-            writer.await.unwrap();
-            assert_eq!(total, payload.len(), "{mode:?}");
-            assert!(reader.await.unwrap() == payload, "{mode:?}: bytes changed");
+            Held::Buffer { buffer, start, end } => {
+                *start += to.try_write(&buffer[*start..*end])?;
+                start == end
+            }
+        };
+        Ok(done)
+    }
+
+    /// Gives a written chunk's pipe or buffer back to the pool.
+    pub fn release(self) {
+        match self.held {
+            Held::Pipe { pipe, left: 0 } => give_back_pipe(pipe),
+            Held::Pipe { .. } => {}
+            Held::Buffer { buffer, .. } => give_back_buffer(buffer),
         }
     }
 }

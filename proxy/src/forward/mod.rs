@@ -3,21 +3,21 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use metrics::Counter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 
 mod copy;
 
 pub use copy::CopyMode;
-use copy::{MoveError, Mover};
+use copy::{Chunk, Mover};
 
 use crate::config::Keepalive;
-use crate::drain::{Drain, Phase};
+use crate::drain::Drain;
 use crate::lb::{Outcome, PickContext};
 use crate::metrics::RejectReason;
 use crate::route::RouteCluster;
@@ -51,7 +51,7 @@ pub struct Connected {
     pub endpoint: usize,
     pub address: SocketAddr,
     /// Holds the host's open-connection count (LEAST_REQUEST) until the tunnel ends.
-    _picked: crate::lb::Picked,
+    pub picked: crate::lb::Picked,
 }
 
 /// Picks endpoints and connects, trying up to `attempts` different endpoints; each failure is counted.
@@ -68,7 +68,7 @@ pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize
         match outcome {
             Ok(Ok(stream)) => {
                 cluster.lb.report(picked.index, Outcome::ConnectSuccess, now);
-                return Ok(Connected { stream, endpoint: picked.index, address, _picked: picked });
+                return Ok(Connected { stream, endpoint: picked.index, address, picked });
             }
             Ok(Err(error)) => {
                 cluster.lb.report(picked.index, Outcome::ConnectFailure, now);
@@ -124,94 +124,219 @@ pub struct TunnelOutcome {
 
 /// Copies both ways until both sides have closed their write half, an error resets the tunnel, or a
 /// limit or termination ends it. A reset on one side is passed on to the other as a reset.
-pub async fn tunnel(
-    downstream: &TcpStream,
-    upstream: &TcpStream,
-    counters: TunnelCounters<'_>,
+///
+/// One hand-written poll loop over both directions, one timer and the drain, rather than a future per
+/// direction: an idle tunnel is mostly this function's state, so keeping it small is what keeps tens of
+/// thousands of idle tunnels cheap (see the README's memory figure).
+///
+/// Not an `async fn`, which would keep a second copy of its arguments in its state (rust-lang/rust#62958).
+#[allow(clippy::manual_async_fn)]
+pub fn tunnel<'a>(
+    downstream: &'a TcpStream,
+    upstream: &'a TcpStream,
+    counters: TunnelCounters<'a>,
     limits: TunnelLimits,
-    drain: &Drain,
-) -> TunnelOutcome {
-    let start = Instant::now();
-    let last_activity = AtomicU64::new(0);
-    let (request_bytes, response_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
-    let direction =
-        |from, to, counter, moved| Direction { from, to, counter, moved, start, last_activity: &last_activity };
-    let request = direction(downstream, upstream, counters.request, &request_bytes).pump(limits.copy);
-    let response = direction(upstream, downstream, counters.response, &response_bytes).pump(limits.copy);
-    tokio::pin!(request, response);
-    let (mut request_done, mut response_done) = (false, false);
-    let idle = sleep(limits.idle_timeout.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(idle);
-    let max_duration = sleep_until(start + limits.max_duration.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(max_duration);
-    let terminated = drain.reached(Phase::Terminated);
-    tokio::pin!(terminated);
-    let end = loop {
-        tokio::select! {
-            result = &mut request, if !request_done => match result {
-                Ok(()) => request_done = true,
-                Err(MoveError::Read) => break TunnelEnd::DownstreamReset,
-                Err(MoveError::Write) => break TunnelEnd::UpstreamReset,
-            },
-            result = &mut response, if !response_done => match result {
-                Ok(()) => response_done = true,
-                Err(MoveError::Read) => break TunnelEnd::UpstreamReset,
-                Err(MoveError::Write) => break TunnelEnd::DownstreamReset,
-            },
-            () = &mut idle, if limits.idle_timeout.is_some() => {
-                let idle_timeout = limits.idle_timeout.unwrap_or_default();
-                let last = start + Duration::from_millis(last_activity.load(Ordering::Relaxed));
-                if last.elapsed() >= idle_timeout {
-                    break TunnelEnd::IdleTimeout;
-                }
-                idle.as_mut().reset(last + idle_timeout);
+    drain: &'a Drain,
+) -> impl Future<Output = TunnelOutcome> + 'a {
+    async move {
+        let start = Instant::now();
+        let mut last_activity = start;
+        let max_end = limits.max_duration.map(|max| start + max);
+        let deadline = |last_activity: Instant| {
+            let idle_end = limits.idle_timeout.map(|idle| last_activity + idle);
+            idle_end.into_iter().chain(max_end).min()
+        };
+        // Without limits the timer is never polled, so never registered.
+        let timer = sleep_until(deadline(start).unwrap_or(start));
+        tokio::pin!(timer);
+        let terminated = drain.terminated();
+        tokio::pin!(terminated);
+        let mut request = Pump::new(downstream, upstream, limits.copy);
+        let mut response = Pump::new(upstream, downstream, limits.copy);
+        let end = std::future::poll_fn(|cx| {
+            let (mut request_moved, mut response_moved) = (0, 0);
+            let request_state = request.poll_pump(cx, &mut request_moved);
+            let response_state = response.poll_pump(cx, &mut response_moved);
+            if request_moved + response_moved > 0 {
+                counters.request.increment(request_moved);
+                counters.response.increment(response_moved);
+                last_activity = Instant::now();
             }
-            () = &mut max_duration, if limits.max_duration.is_some() => break TunnelEnd::MaxDuration,
-            () = &mut terminated => break TunnelEnd::Terminated,
+            match (request_state, response_state) {
+                (Poll::Ready(Err(MoveError::Read)), _) | (_, Poll::Ready(Err(MoveError::Write))) => {
+                    return Poll::Ready(TunnelEnd::DownstreamReset);
+                }
+                (Poll::Ready(Err(MoveError::Write)), _) | (_, Poll::Ready(Err(MoveError::Read))) => {
+                    return Poll::Ready(TunnelEnd::UpstreamReset);
+                }
+                _ if request.done && response.done => return Poll::Ready(TunnelEnd::Complete),
+                _ => {}
+            }
+            if terminated.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(TunnelEnd::Terminated);
+            }
+            // The timer is not moved on every chunk: when it fires early, it is set again from the last activity.
+            while let Some(due) = deadline(last_activity) {
+                if timer.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                let now = Instant::now();
+                if max_end.is_some_and(|end| now >= end) {
+                    return Poll::Ready(TunnelEnd::MaxDuration);
+                }
+                if now >= due {
+                    return Poll::Ready(TunnelEnd::IdleTimeout);
+                }
+                timer.as_mut().reset(due);
+            }
+            Poll::Pending
+        })
+        .await;
+        // A reset seen on one side becomes a reset on the other (SO_LINGER 0 sends RST on close), as Envoy's
+        // tcp_proxy does; every other end closes normally.
+        match end {
+            TunnelEnd::DownstreamReset => {
+                let _ = upstream.set_zero_linger();
+            }
+            TunnelEnd::UpstreamReset => {
+                let _ = downstream.set_zero_linger();
+            }
+            _ => {}
         }
-        if request_done && response_done {
-            break TunnelEnd::Complete;
-        }
-    };
-    // A reset seen on one side becomes a reset on the other (SO_LINGER 0 sends RST on close), as Envoy's
-    // tcp_proxy does; every other end closes normally.
-    match end {
-        TunnelEnd::DownstreamReset => {
-            let _ = upstream.set_zero_linger();
-        }
-        TunnelEnd::UpstreamReset => {
-            let _ = downstream.set_zero_linger();
-        }
-        _ => {}
+        TunnelOutcome { end, response_bytes: response.moved }
     }
-    TunnelOutcome { end, response_bytes: response_bytes.load(Ordering::Relaxed) }
 }
 
-/// One direction of a tunnel and its accounting.
-struct Direction<'a> {
+/// Which side of a direction failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoveError {
+    Read,
+    Write,
+}
+
+/// One direction of a tunnel: reads a chunk from `from`, writes it all to `to`, and so on until EOF, which
+/// it passes on as a FIN (half-close).
+struct Pump<'a> {
     from: &'a TcpStream,
     to: &'a TcpStream,
-    counter: &'a Counter,
-    moved: &'a AtomicU64,
-    start: Instant,
-    last_activity: &'a AtomicU64,
+    mover: Mover,
+    /// Read and not yet all written.
+    chunk: Option<Chunk>,
+    /// EOF was passed on.
+    done: bool,
+    /// Bytes written to `to` so far.
+    moved: u64,
 }
 
-impl Direction<'_> {
-    /// Moves bytes until EOF, then passes the EOF on as a FIN (half-close).
-    async fn pump(self, copy: CopyMode) -> Result<(), MoveError> {
-        let mut mover = Mover::new(copy);
-        loop {
-            let n = mover.move_chunk(self.from, self.to).await?;
-            if n == 0 {
-                break;
+impl<'a> Pump<'a> {
+    fn new(from: &'a TcpStream, to: &'a TcpStream, copy: CopyMode) -> Self {
+        Pump { from, to, mover: Mover::new(copy), chunk: None, done: false, moved: 0 }
+    }
+
+    /// Moves what is ready; adds the bytes written to `moved`. Pending when waiting for either socket
+    /// (tokio's cooperative budget also yields here, so a bulk direction cannot starve the other tunnels).
+    fn poll_pump(&mut self, cx: &mut Context<'_>, moved: &mut u64) -> Poll<Result<(), MoveError>> {
+        while !self.done {
+            if let Some(chunk) = &mut self.chunk {
+                ready!(self.to.poll_write_ready(cx)).map_err(|_| MoveError::Write)?;
+                match chunk.write(self.to) {
+                    Ok(true) => {
+                        *moved += chunk.len() as u64;
+                        self.moved += chunk.len() as u64;
+                        if let Some(written) = self.chunk.take() {
+                            written.release();
+                        }
+                    }
+                    Ok(false) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Poll::Ready(Err(MoveError::Write)),
+                }
+                continue;
             }
-            self.counter.increment(n as u64);
-            self.moved.fetch_add(n as u64, Ordering::Relaxed);
-            self.last_activity.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+            ready!(self.from.poll_read_ready(cx)).map_err(|_| MoveError::Read)?;
+            match self.mover.read(self.from) {
+                Ok(Some(chunk)) => self.chunk = Some(chunk),
+                Ok(None) => {
+                    // The peer may already be gone; the other direction reports that.
+                    let _ = SockRef::from(self.to).shutdown(std::net::Shutdown::Write);
+                    self.done = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(Err(MoveError::Read)),
+            }
         }
-        // The peer may already be gone; the other direction reports that.
-        let _ = SockRef::from(self.to).shutdown(std::net::Shutdown::Write);
-        Ok(())
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    /// Sends `payload` and half-closes, while reading all that comes back.
+    async fn send_and_receive(mut stream: TcpStream, payload: Vec<u8>) -> Vec<u8> {
+        let (mut reader, mut writer) = stream.split();
+        let mut received = Vec::new();
+        let (written, read) = tokio::join!(
+            async {
+                writer.write_all(&payload).await?;
+                writer.shutdown().await
+            },
+            reader.read_to_end(&mut received)
+        );
+        written.unwrap();
+        read.unwrap();
+        received
+    }
+
+    #[tokio::test]
+    async fn every_copy_mode_carries_every_byte_both_ways_and_passes_half_close_on() {
+        for mode in [CopyMode::Auto, CopyMode::Splice, CopyMode::Buffer] {
+            // client -> (client, downstream) -> tunnel -> (upstream, server) -> server, and back.
+            let ((client, downstream), (upstream, server)) = (pair().await, pair().await);
+            // Sizes that make Auto switch: small writes, then bulk, each way.
+            let request: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+            let response: Vec<u8> = (0..1_500_000u32).map(|i| (i % 241) as u8).collect();
+            let client_side = tokio::spawn(send_and_receive(client, request.clone()));
+            let server_side = tokio::spawn(send_and_receive(server, response.clone()));
+            let (sent, received) = (Counter::noop(), Counter::noop());
+            let counters = TunnelCounters { request: &sent, response: &received };
+            let limits = TunnelLimits { idle_timeout: Some(Duration::from_secs(30)), max_duration: None, copy: mode };
+            let outcome = tunnel(&downstream, &upstream, counters, limits, &Drain::default()).await;
+            assert_eq!(outcome, TunnelOutcome { end: TunnelEnd::Complete, response_bytes: response.len() as u64 });
+            assert!(server_side.await.unwrap() == request, "{mode:?}: request bytes changed");
+            assert!(client_side.await.unwrap() == response, "{mode:?}: response bytes changed");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_one_timer_ends_idle_tunnels_and_long_ones() {
+        let ((mut client, downstream), (upstream, _server)) = (pair().await, pair().await);
+        let noop = Counter::noop();
+        let counters = TunnelCounters { request: &noop, response: &noop };
+        let drain = Drain::default();
+        let idle =
+            TunnelLimits { idle_timeout: Some(Duration::from_secs(10)), max_duration: None, copy: CopyMode::Auto };
+        // Activity at 6 s moves the idle end to 16 s.
+        let started = Instant::now();
+        let (outcome, ()) = tokio::join!(tunnel(&downstream, &upstream, counters, idle, &drain), async {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            client.write_all(b"ping").await.unwrap();
+        });
+        assert_eq!(outcome.end, TunnelEnd::IdleTimeout);
+        assert!(started.elapsed() >= Duration::from_secs(16), "ended at {:?}", started.elapsed());
+
+        let long = TunnelLimits { max_duration: Some(Duration::from_secs(5)), ..idle };
+        let started = Instant::now();
+        assert_eq!(tunnel(&downstream, &upstream, counters, long, &drain).await.end, TunnelEnd::MaxDuration);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

@@ -57,18 +57,6 @@ pub enum HelloError {
     TooLarge,
 }
 
-impl HelloError {
-    /// A short snake_case label for metrics.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            HelloError::NotTls => "not_tls",
-            HelloError::NotClientHello => "not_client_hello",
-            HelloError::Malformed(_) => "malformed_hello",
-            HelloError::TooLarge => "hello_too_large",
-        }
-    }
-}
-
 /// A complete, validated ClientHello.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ClientHello<'a> {
@@ -960,14 +948,6 @@ mod tests {
         assert!(tiny.len() > MAX_HELLO_BYTES);
         assert_eq!(parse(&tiny), Err(HelloError::TooLarge));
         assert_eq!(parse(&tiny[..MAX_HELLO_BYTES - 1]), Err(HelloError::TooLarge));
-    }
-
-    #[test]
-    fn reasons_are_metric_labels() {
-        assert_eq!(HelloError::NotTls.reason(), "not_tls");
-        assert_eq!(HelloError::NotClientHello.reason(), "not_client_hello");
-        assert_eq!(HelloError::Malformed("x").reason(), "malformed_hello");
-        assert_eq!(HelloError::TooLarge.reason(), "hello_too_large");
     }
 
     /// Runs in CI in place of the fuzzer, which needs nightly: seeded mutations of the real vectors.
