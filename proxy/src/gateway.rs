@@ -308,7 +308,7 @@ fn spawn_workers(
                 let pacer = tokio::spawn(pace_timer_wheel());
                 accept_loops.join_all().await;
                 pacer.abort();
-                drain.reached(Phase::Terminated).await;
+                drain.terminated().await;
                 // Tunnels see Terminated and close; give their tasks a moment to finish.
                 let _ = tokio::time::timeout(CLOSE_WAIT, connections.wait_zero()).await;
             });

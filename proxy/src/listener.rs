@@ -175,7 +175,7 @@ fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: Arc<Sha
             Ok(None) => return,
             Err(reason) => return refused(metrics, peer, reason),
         };
-        let (counters, limits) = (upstream.counters(), upstream.limits(&shared.limits));
+        let (counters, limits) = (upstream.counters(), upstream.limits(shared.limits.copy));
         let outcome = forward::tunnel(&downstream, &upstream.stream, counters, limits, &shared.drain).await;
         upstream.closed(outcome, peer);
     }
@@ -217,15 +217,15 @@ impl Upstream<'_> {
         }
     }
 
-    fn limits(&self, limits: &Limits) -> TunnelLimits {
+    fn limits(&self, copy: CopyMode) -> TunnelLimits {
         match &self.route {
             UpstreamRoute::Cluster { slot, .. } => TunnelLimits {
                 idle_timeout: slot.0.settings.idle_timeout,
                 max_duration: slot.0.settings.max_connection_duration,
-                copy: limits.copy,
+                copy,
             },
             UpstreamRoute::Passthrough(passthrough) => {
-                TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy: limits.copy }
+                TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy }
             }
         }
     }
@@ -261,21 +261,25 @@ async fn open_upstream<'s>(
 ) -> Result<Option<Upstream<'s>>, RejectReason> {
     let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
     let route_hello = |hello: &ClientHello<'_>| match &shared.routing {
-        Routing::Sni(store) => route(hello, store).map(Some),
-        Routing::Passthrough(_) => Ok(None),
+        Routing::Sni(store) => route(hello, store).map(Destination::Cluster),
+        Routing::Passthrough(passthrough) => Ok(Destination::Passthrough(passthrough)),
     };
-    let cluster = tokio::select! {
+    let destination = tokio::select! {
         read = timeout(shared.limits.hello_timeout, read_hello(downstream, &mut hello_bytes, route_hello)) => {
             read.map_err(|_| RejectReason::HelloTimeout)??
         }
         () = shared.drain.terminated() => return Ok(None),
     };
-    let upstream = match (cluster, &shared.routing) {
-        (Some(cluster), _) => connect_cluster(cluster, peer, &hello_bytes, shared).await?,
-        (None, Routing::Passthrough(passthrough)) => connect_passthrough(passthrough, &hello_bytes, shared).await?,
-        (None, Routing::Sni(_)) => unreachable!("an SNI route gives a cluster or a refusal"),
-    };
-    Ok(upstream)
+    match destination {
+        Destination::Cluster(cluster) => connect_cluster(cluster, peer, &hello_bytes, shared).await,
+        Destination::Passthrough(passthrough) => connect_passthrough(passthrough, &hello_bytes, shared).await,
+    }
+}
+
+/// Where a routed hello goes.
+enum Destination<'s> {
+    Cluster(Arc<RouteCluster>),
+    Passthrough(&'s Passthrough),
 }
 
 /// Connects to the passthrough upstream (each resolved address in turn) and gives it the hello.

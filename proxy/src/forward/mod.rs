@@ -154,9 +154,10 @@ pub fn tunnel<'a>(
         let mut request = Pump::new(downstream, upstream, limits.copy);
         let mut response = Pump::new(upstream, downstream, limits.copy);
         let end = std::future::poll_fn(|cx| {
-            let (mut request_moved, mut response_moved) = (0, 0);
-            let request_state = request.poll_pump(cx, &mut request_moved);
-            let response_state = response.poll_pump(cx, &mut response_moved);
+            let moved_before = (request.moved, response.moved);
+            let request_state = request.poll_pump(cx);
+            let response_state = response.poll_pump(cx);
+            let (request_moved, response_moved) = (request.moved - moved_before.0, response.moved - moved_before.1);
             if request_moved + response_moved > 0 {
                 counters.request.increment(request_moved);
                 counters.response.increment(response_moved);
@@ -233,15 +234,14 @@ impl<'a> Pump<'a> {
         Pump { from, to, mover: Mover::new(copy), chunk: None, done: false, moved: 0 }
     }
 
-    /// Moves what is ready; adds the bytes written to `moved`. Pending when waiting for either socket
-    /// (tokio's cooperative budget also yields here, so a bulk direction cannot starve the other tunnels).
-    fn poll_pump(&mut self, cx: &mut Context<'_>, moved: &mut u64) -> Poll<Result<(), MoveError>> {
+    /// Moves what is ready, counting it in `moved`. Pending when waiting for either socket (tokio's
+    /// cooperative budget also yields here, so a bulk direction cannot starve the other tunnels).
+    fn poll_pump(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), MoveError>> {
         while !self.done {
             if let Some(chunk) = &mut self.chunk {
                 ready!(self.to.poll_write_ready(cx)).map_err(|_| MoveError::Write)?;
                 match chunk.write(self.to) {
                     Ok(true) => {
-                        *moved += chunk.len() as u64;
                         self.moved += chunk.len() as u64;
                         if let Some(written) = self.chunk.take() {
                             written.release();
