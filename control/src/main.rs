@@ -58,6 +58,10 @@ struct RunArgs {
     /// /metrics, /ready, /debug/gateways, /debug/clusters.
     #[arg(long, env = "CROSSGATE_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
     admin_addr: SocketAddr,
+    /// At start, how long gateways wait for the remote clusters to sync before they are served without the ones
+    /// that have not (Istio's PILOT_REMOTE_CLUSTER_TIMEOUT). The local cluster is always waited for.
+    #[arg(long, env = "CROSSGATE_REMOTE_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    remote_sync_timeout: std::time::Duration,
     /// Quiet time after a change before gateways are pushed to.
     #[arg(long, env = "CROSSGATE_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
     debounce: std::time::Duration,
@@ -128,6 +132,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 system_namespace: args.system_namespace.clone(),
                 domain_suffix: args.domain_suffix.clone(),
                 remote_secrets: args.remote_secrets,
+                remote_sync_timeout: args.remote_sync_timeout,
                 ..KubeOptions::default()
             },
         },

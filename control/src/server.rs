@@ -20,6 +20,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::model::MeshModel;
 use crate::views::{self, Delta, ViewOptions};
 
+/// The version before the source has a mesh worth serving: a gateway that connects then waits (a reconnecting
+/// one keeps what it has) rather than being told the mesh is empty.
+const UNPRIMED: u64 = 0;
+
 /// One state of the mesh, as pushed: numbered, and stamped with when its first change was seen.
 #[derive(Debug)]
 pub struct MeshVersion {
@@ -30,16 +34,25 @@ pub struct MeshVersion {
 }
 
 /// Turns every mesh change into versions at most one per `quiet` period of calm (or per `max_delay` under a
-/// steady stream of changes), so that a burst of watch events becomes one push.
+/// steady stream of changes), so that a burst of watch events becomes one push. Version 0, the empty mesh, is
+/// never served: version 1 is the mesh at the moment `primed` turns true.
 pub fn debounce(
     mut input: watch::Receiver<MeshModel>,
+    mut primed: watch::Receiver<bool>,
     quiet: Duration,
     max_delay: Duration,
 ) -> watch::Receiver<Arc<MeshVersion>> {
-    let first = MeshVersion { mesh: input.borrow_and_update().clone(), version: 1, changed_at: Instant::now() };
-    let (versions, receiver) = watch::channel(Arc::new(first));
+    let unprimed = MeshVersion { mesh: MeshModel::default(), version: UNPRIMED, changed_at: Instant::now() };
+    let (versions, receiver) = watch::channel(Arc::new(unprimed));
     tokio::spawn(async move {
+        if primed.wait_for(|primed| *primed).await.is_err() {
+            return;
+        }
         let mut version = 1;
+        let first = MeshVersion { mesh: input.borrow_and_update().clone(), version, changed_at: Instant::now() };
+        if versions.send(Arc::new(first)).is_err() {
+            return;
+        }
         while input.changed().await.is_ok() {
             let changed_at = Instant::now();
             let deadline = tokio::time::Instant::now() + max_delay;
@@ -244,10 +257,10 @@ impl GatewayStream {
         tracing::info!(node = %self.node.id, "gateway disconnected");
     }
 
-    /// The push that brings the gateway to `snapshot`, if it lacks anything (the first response is sent even
-    /// when empty: it is what makes a gateway with nothing to route ready).
+    /// The push that brings the gateway to `snapshot`, if it lacks anything (the first response after priming is
+    /// sent even when empty: it is what makes a gateway with nothing to route ready).
     fn next_response(&mut self, snapshot: &MeshVersion) -> Option<DeltaDiscoveryResponse> {
-        if self.refused_version == Some(snapshot.version) {
+        if snapshot.version == UNPRIMED || self.refused_version == Some(snapshot.version) {
             return None;
         }
         let view = views::gateway_view(&snapshot.mesh, &self.node, &self.shared.options);

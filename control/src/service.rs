@@ -101,9 +101,10 @@ impl Control {
         };
         let (updates, mesh) = watch::channel(MeshModel::default());
         let (statuses, status) = watch::channel(SyncStatuses::default());
-        let source = start_source(&config, updates, statuses, stopped_signal()).await?;
+        let (primed_sender, primed) = watch::channel(false);
+        let source = start_source(&config, updates, statuses, primed_sender, stopped_signal()).await?;
 
-        let versions = server::debounce(mesh, config.debounce, config.debounce * 10);
+        let versions = server::debounce(mesh, primed, config.debounce, config.debounce * 10);
         let discovery = DiscoveryServer::new(versions, config.view.clone());
         let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
         if let Some(tls) = &config.tls {
@@ -124,11 +125,13 @@ impl Control {
     }
 }
 
-/// Starts the mesh source; a mesh file that does not load is an error here, at start.
+/// Starts the mesh source; a mesh file that does not load is an error here, at start. `primed` is set once the
+/// mesh is whole enough to serve: at once for a file, after the clusters have synced for Kubernetes.
 async fn start_source(
     config: &ControlConfig,
     updates: watch::Sender<MeshModel>,
     statuses: watch::Sender<SyncStatuses>,
+    primed: watch::Sender<bool>,
     stopped: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let domain = config.view.domain_suffix.clone();
@@ -136,14 +139,16 @@ async fn start_source(
         MeshSource::Embedded => {
             let mesh = MeshFile::parse(EMBEDDED_MESH).context("the embedded mesh")?;
             updates.send_replace(mesh.model(&domain));
+            primed.send_replace(true);
             tokio::spawn(async move {
                 stopped.await;
                 drop(updates);
             })
         }
         MeshSource::File(path) => {
-            // Fail at start on a bad file, then follow it.
-            MeshFile::read(path)?;
+            // Fail at start on a bad file, and serve what it holds from the first gateway on; then follow it.
+            updates.send_replace(MeshFile::read(path)?.model(&domain));
+            primed.send_replace(true);
             let path = path.clone();
             tokio::spawn(async move {
                 if let Err(error) = file::watch(path, domain, updates, stopped).await {
@@ -154,7 +159,7 @@ async fn start_source(
         MeshSource::Kube { kubeconfig, options } => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             let (cluster_id, options) = (config.cluster_id.clone(), options.clone());
-            tokio::spawn(kube_source::run_kube_sources(client, cluster_id, options, updates, statuses, stopped))
+            tokio::spawn(kube_source::run_kube_sources(client, cluster_id, options, updates, statuses, primed, stopped))
         }
     })
 }

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::*;
-use crossgate_control::fake_kube::{FakeCluster, ServedCluster};
+use crossgate_control::fake_kube::{FakeCluster, Fault, ServedCluster};
 use crossgate_control::service::MeshSource;
 use crossgate_control::sources::kube::KubeOptions;
 use crossgate_proxy::testing::eventually;
@@ -71,42 +71,59 @@ fn remote_secret(served: &ServedCluster) -> Secret {
     }
 }
 
+/// Two fake clusters on two networks serving helloworld on `port` (v1 at 127.0.0.2 in cluster1, v2 at 127.0.0.3
+/// in cluster2), cluster1 holding cluster2's remote secret, and the kube source that reads them through cluster1.
+struct TwoClusters {
+    cluster1: FakeCluster,
+    cluster2: FakeCluster,
+    _served: (ServedCluster, ServedCluster),
+    _dir: TempDir,
+    source: MeshSource,
+}
+
+impl TwoClusters {
+    async fn start(port: u16) -> TwoClusters {
+        // cluster1 holds the remote secret; the RVs are far apart so that cross-wiring would show.
+        let cluster1 = FakeCluster::new("cluster1", 1000);
+        let cluster2 = FakeCluster::new("cluster2", 5_000_000);
+        let (served1, served2) = (cluster1.serve().await.unwrap(), cluster2.serve().await.unwrap());
+        for (cluster, network, pod, version, address) in [
+            (&cluster1, "network1", "helloworld-v1-7d9f-abcde", "v1", "127.0.0.2"),
+            (&cluster2, "network2", "helloworld-v2-5c8b-fghij", "v2", "127.0.0.3"),
+        ] {
+            cluster.apply_json(system_namespace(network));
+            cluster.apply_json(helloworld_service(port));
+            cluster.apply_json(helloworld_pod(pod, version));
+            cluster.apply_json(helloworld_slice(port, &[(address, pod)]));
+        }
+        // Subsets exist in cluster1's DestinationRule only: per-cluster config, as in multi-primary Istio.
+        cluster1.apply_json(json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "helloworld", "namespace": "sample"},
+            "spec": {"host": "helloworld", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
+                                                       {"name": "v2", "labels": {"version": "v2"}}],
+                     "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}}));
+        cluster1.apply(&remote_secret(&served2));
+
+        let dir = TempDir::new("e2e-kube");
+        let kubeconfig = dir.path().join("cluster1.kubeconfig");
+        served1.write_kubeconfig(&kubeconfig).unwrap();
+        let options = KubeOptions {
+            debounce: Duration::from_millis(20),
+            destination_rule_recheck: Duration::from_millis(200),
+            ..KubeOptions::default()
+        };
+        let source = MeshSource::Kube { kubeconfig: Some(kubeconfig), options };
+        TwoClusters { cluster1, cluster2, _served: (served1, served2), _dir: dir, source }
+    }
+}
+
 #[tokio::test]
 async fn kubernetes_clusters_joined_by_a_remote_secret_route_by_network() {
     let mesh = mesh();
     let (port, _backends) = backends(&mesh, &["v1-cluster1", "v2-cluster2", "v2b-cluster2"]).await;
-
-    // cluster1 holds the remote secret; the RVs are far apart so that cross-wiring would show.
-    let cluster1 = FakeCluster::new("cluster1", 1000);
-    let cluster2 = FakeCluster::new("cluster2", 5_000_000);
-    let (served1, served2) = (cluster1.serve().await.unwrap(), cluster2.serve().await.unwrap());
-    for (cluster, network, pod, version, address) in [
-        (&cluster1, "network1", "helloworld-v1-7d9f-abcde", "v1", "127.0.0.2"),
-        (&cluster2, "network2", "helloworld-v2-5c8b-fghij", "v2", "127.0.0.3"),
-    ] {
-        cluster.apply_json(system_namespace(network));
-        cluster.apply_json(helloworld_service(port));
-        cluster.apply_json(helloworld_pod(pod, version));
-        cluster.apply_json(helloworld_slice(port, &[(address, pod)]));
-    }
-    // Subsets exist in cluster1's DestinationRule only: per-cluster config, as in multi-primary Istio.
-    cluster1.apply_json(json!({"apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-        "metadata": {"name": "helloworld", "namespace": "sample"},
-        "spec": {"host": "helloworld", "subsets": [{"name": "v1", "labels": {"version": "v1"}},
-                                                   {"name": "v2", "labels": {"version": "v2"}}],
-                 "trafficPolicy": {"tls": {"mode": "ISTIO_MUTUAL"}}}}));
-    cluster1.apply(&remote_secret(&served2));
-
-    let dir = TempDir::new("e2e-kube");
-    let kubeconfig = dir.path().join("cluster1.kubeconfig");
-    served1.write_kubeconfig(&kubeconfig).unwrap();
-    let options = KubeOptions {
-        debounce: Duration::from_millis(20),
-        destination_rule_recheck: Duration::from_millis(200),
-        ..KubeOptions::default()
-    };
-    let source = MeshSource::Kube { kubeconfig: Some(kubeconfig), options };
-    let control = RunningControl::start_with(source, "127.0.0.1:0".parse().unwrap(), None).await;
+    let clusters = TwoClusters::start(port).await;
+    let (cluster1, cluster2) = (&clusters.cluster1, &clusters.cluster2);
+    let control = RunningControl::start_with(clusters.source.clone(), "127.0.0.1:0".parse().unwrap(), None).await;
     let xds = format!("http://{}", control.grpc);
     let east = gateway(&xds, "cluster1", "network1", &[]).await;
     let west = gateway(&xds, "cluster2", "network2", &[]).await;
@@ -145,5 +162,39 @@ async fn kubernetes_clusters_joined_by_a_remote_secret_route_by_network() {
         serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
     };
     assert_eq!(statuses.keys().collect::<Vec<_>>(), vec!["cluster1"], "{statuses:?}");
+    control.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_control_service_serves_gateways_only_once_its_clusters_have_synced() {
+    let mesh = mesh();
+    let (port, _backends) = backends(&mesh, &["v1-cluster1", "v2-cluster2"]).await;
+    let clusters = TwoClusters::start(port).await;
+    let control = RunningControl::start_with(clusters.source.clone(), "127.0.0.1:0".parse().unwrap(), None).await;
+    let listen = control.grpc;
+    let west = gateway(&format!("http://{listen}"), "cluster2", "network2", &[]).await;
+    eventually(WITHIN, "configured", || async { mesh.call(west.listen).await.as_deref() == Some("v2-cluster2") }).await;
+
+    // The control service restarts while cluster2's API server refuses its endpoint slices.
+    control.stop().await;
+    clusters.cluster2.fail(Fault::Forbidden { kind: "EndpointSlice".into() });
+    let control = RunningControl::start_with(clusters.source.clone(), listen, None).await;
+    eventually(Duration::from_secs(30), "the gateway reconnected", || async {
+        control.debug_gateways().await.as_array().is_some_and(|gateways| !gateways.is_empty())
+    })
+    .await;
+    // Until cluster2 has synced the gateway is sent nothing, so it keeps routing on what it had.
+    for _ in 0..5 {
+        assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(control.debug_gateways().await[0]["pushes"], 0);
+
+    clusters.cluster2.clear_faults();
+    eventually(WITHIN, "the gateway is served again", || async {
+        control.debug_gateways().await[0]["acked_mesh_version"].as_u64() > Some(0)
+    })
+    .await;
+    assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"));
     control.stop().await;
 }

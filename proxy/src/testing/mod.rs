@@ -24,7 +24,8 @@ where
     Fut: Future<Output = bool>,
 {
     let deadline = tokio::time::Instant::now() + within;
-    while !check().await {
+    // A check that hangs (a connection waiting in an unconfigured gateway's backlog) fails the same way.
+    while !tokio::time::timeout_at(deadline, check()).await.unwrap_or(false) {
         assert!(tokio::time::Instant::now() < deadline, "not within {within:?}: {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -7,6 +7,7 @@
 
 mod cluster;
 mod destination_rule;
+mod priming;
 mod remote_secrets;
 mod status;
 #[cfg(test)]
@@ -17,7 +18,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use kube::Client;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 pub use cluster::ClusterWatcher;
 pub use status::{SyncStatus, SyncStatuses};
@@ -36,6 +37,9 @@ pub struct KubeOptions {
     pub debounce: Duration,
     /// How often an absent DestinationRule API is looked for again.
     pub destination_rule_recheck: Duration,
+    /// How long gateways wait, at start, for the remote clusters to sync before they are served without the
+    /// ones that have not (Istio's `PILOT_REMOTE_CLUSTER_TIMEOUT`).
+    pub remote_sync_timeout: Duration,
 }
 
 impl Default for KubeOptions {
@@ -46,33 +50,49 @@ impl Default for KubeOptions {
             remote_secrets: true,
             debounce: Duration::from_millis(100),
             destination_rule_recheck: Duration::from_secs(30),
+            remote_sync_timeout: Duration::from_secs(30),
         }
     }
 }
 
 /// Watches the local cluster (through `local`, the control service's own kubeconfig or in-cluster config) and,
 /// with `options.remote_secrets`, every remote cluster its secrets name, until `shutdown` completes; then stops
-/// every watcher. Clusters' models go into `updates`, their sync status into `status`. Never fails: every error is
-/// retried, logged and counted.
+/// every watcher. Clusters' models go into `updates`, their sync status into `status`; `primed` turns true once
+/// the mesh may be served (see [`priming`]). Never fails: every error is retried, logged and counted.
 pub async fn run_kube_sources(
     local: Client,
     local_cluster_id: String,
     options: KubeOptions,
     updates: watch::Sender<MeshModel>,
     status: watch::Sender<SyncStatuses>,
+    primed: watch::Sender<bool>,
     shutdown: impl Future<Output = ()>,
 ) {
     let local_watcher =
         ClusterWatcher::spawn(local.clone(), &local_cluster_id, &options, updates.clone(), status.clone());
+    let (secrets_listed, listed) = oneshot::channel();
+    let priming = tokio::spawn(priming::prime(
+        local_cluster_id.clone(),
+        updates.subscribe(),
+        status.subscribe(),
+        async {
+            let _ = listed.await;
+        },
+        options.remote_sync_timeout,
+        primed,
+    ));
     if options.remote_secrets {
-        let mut remotes = remote_secrets::RemoteClusters::new(local_cluster_id, options, updates, status);
+        let mut remotes =
+            remote_secrets::RemoteClusters::new(local_cluster_id, options, updates, status, secrets_listed);
         tokio::select! {
             () = remotes.run(local) => {}
             () = shutdown => {}
         }
         remotes.stop().await;
     } else {
+        let _ = secrets_listed.send(());
         shutdown.await;
     }
+    priming.abort();
     local_watcher.stop().await;
 }

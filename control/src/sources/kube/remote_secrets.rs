@@ -16,7 +16,7 @@ use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Config, ResourceExt};
 use metrics::{Counter, counter};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{info, warn};
 
 use super::{ClusterWatcher, KubeOptions, SyncStatuses};
@@ -61,6 +61,8 @@ pub(super) struct RemoteClusters {
     /// The (secret, key) pairs left out by the last reconcile: each is reported once, not on every change.
     ignored: BTreeSet<(String, String)>,
     errors: Counter,
+    /// Told once the first listing of the secrets has been acted on (every cluster it names is being watched).
+    listed: Option<oneshot::Sender<()>>,
 }
 
 impl RemoteClusters {
@@ -69,10 +71,20 @@ impl RemoteClusters {
         options: KubeOptions,
         updates: watch::Sender<MeshModel>,
         statuses: watch::Sender<SyncStatuses>,
+        listed: oneshot::Sender<()>,
     ) -> Self {
         let errors =
             counter!("crossgate_control_watch_errors_total", "cluster" => local_id.clone(), "resource" => "secrets");
-        Self { local_id, options, updates, statuses, clusters: BTreeMap::new(), ignored: BTreeSet::new(), errors }
+        Self {
+            local_id,
+            options,
+            updates,
+            statuses,
+            clusters: BTreeMap::new(),
+            ignored: BTreeSet::new(),
+            errors,
+            listed: Some(listed),
+        }
     }
 
     /// Watches the secrets through `local` and follows them, forever. A failing watch changes nothing: the
@@ -91,6 +103,9 @@ impl RemoteClusters {
                     listed |= matches!(event, Event::InitDone);
                     if listed && matches!(event, Event::InitDone | Event::Apply(_) | Event::Delete(_)) {
                         self.reconcile(&store.state()).await;
+                        if let Some(told) = self.listed.take() {
+                            let _ = told.send(());
+                        }
                     }
                 }
                 Err(e) => {

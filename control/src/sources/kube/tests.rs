@@ -51,16 +51,21 @@ fn synced_gauge(cluster: &str) -> Option<f64> {
     metric(&format!("crossgate_control_cluster_synced{{cluster=\"{cluster}\"}}"))
 }
 
-/// The mesh and status channels a test's sources write into.
+/// The mesh, status and priming channels a test's sources write into.
 struct Harness {
     updates: watch::Sender<MeshModel>,
     status: watch::Sender<SyncStatuses>,
+    primed: watch::Sender<bool>,
 }
 
 impl Harness {
     fn new() -> Self {
         metrics();
-        Self { updates: watch::Sender::new(MeshModel::default()), status: watch::Sender::new(SyncStatuses::default()) }
+        Self {
+            updates: watch::Sender::new(MeshModel::default()),
+            status: watch::Sender::new(SyncStatuses::default()),
+            primed: watch::Sender::new(false),
+        }
     }
 
     fn watch(&self, client: Client, id: &str, options: &KubeOptions) -> ClusterWatcher {
@@ -69,15 +74,28 @@ impl Harness {
 
     /// `run_kube_sources` on its own task; send on the returned sender to shut it down.
     fn run(&self, local: Client, id: &str) -> (oneshot::Sender<()>, JoinHandle<()>) {
+        self.run_with(local, id, options())
+    }
+
+    fn run_with(&self, local: Client, id: &str, options: KubeOptions) -> (oneshot::Sender<()>, JoinHandle<()>) {
         let (stop, stopped) = oneshot::channel::<()>();
-        let (id, updates, status) = (id.to_owned(), self.updates.clone(), self.status.clone());
+        let (id, updates, status, primed) =
+            (id.to_owned(), self.updates.clone(), self.status.clone(), self.primed.clone());
         let task = tokio::spawn(async move {
-            run_kube_sources(local, id, options(), updates, status, async move {
+            run_kube_sources(local, id, options, updates, status, primed, async move {
                 let _ = stopped.await;
             })
             .await;
         });
         (stop, task)
+    }
+
+    fn primed(&self) -> bool {
+        *self.primed.borrow()
+    }
+
+    fn clusters(&self) -> Vec<String> {
+        self.updates.borrow().clusters.keys().cloned().collect()
     }
 
     fn cluster(&self, id: &str) -> Option<Arc<ClusterModel>> {
@@ -264,7 +282,8 @@ async fn remote_secrets_bring_clusters_in_restart_them_and_take_them_out() {
     let (stop, task) = harness.run(west.client(), "west");
     assert_eventually("the local cluster", WAIT, || harness.synced("west") == Some(true)).await;
     assert_eventually("the secrets watch", WAIT, || west.open_watches() == 7).await;
-    assert_eq!(harness.updates.borrow().clusters.keys().collect::<Vec<_>>(), ["west"]);
+    assert_eq!(harness.clusters(), ["west"]);
+    assert!(harness.primed(), "no remote secret at start: the local cluster is the whole mesh");
 
     // A secret added later brings its cluster in.
     west.apply(&remote_secret("istio-remote-secret-east", &[("east", served_east.kubeconfig_yaml("east"))]));
@@ -585,4 +604,56 @@ async fn an_outage_keeps_the_last_model_and_shows_in_the_status() {
         harness.addresses("outage", "web") == ["10.0.0.1", "10.0.0.2"]
     })
     .await;
+}
+
+#[tokio::test]
+async fn gateways_are_served_once_the_local_and_listed_remote_clusters_have_synced() {
+    let harness = Harness::new();
+    let (west, east) = (FakeCluster::new("west", 1000), FakeCluster::new("east", 5_000_000));
+    west.apply_json(system_namespace("net-west"));
+    east.apply_json(system_namespace("net-east"));
+    web_service(&east, &[("10.2.0.1", "web-a")]);
+    // East cannot list its endpoint slices yet: it is watched but not synced.
+    east.fail(Fault::Forbidden { kind: "EndpointSlice".into() });
+    let served_east = east.serve().await.unwrap();
+    west.apply(&remote_secret("istio-remote-secret-east", &[("east", served_east.kubeconfig_yaml("east"))]));
+    let (stop, task) =
+        harness.run_with(west.client(), "west", KubeOptions { remote_sync_timeout: WAIT * 6, ..options() });
+
+    assert_eventually("west published, east watched", WAIT, || {
+        harness.clusters() == ["west"] && harness.synced("east") == Some(false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!harness.primed(), "a gateway would be told east is empty");
+
+    east.clear_faults();
+    assert_eventually("primed", WAIT * 3, || harness.primed()).await;
+    assert_eq!(harness.clusters(), ["east", "west"], "the mesh is whole when it is first served");
+    assert_eq!(harness.addresses("east", "web"), ["10.2.0.1"]);
+    stop.send(()).unwrap();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_remote_cluster_that_does_not_sync_is_waited_for_only_until_the_timeout() {
+    let harness = Harness::new();
+    let (west, east) = (FakeCluster::new("west", 1000), FakeCluster::new("east", 5_000_000));
+    west.apply_json(system_namespace("net-west"));
+    east.fail(Fault::Forbidden { kind: "Pod".into() });
+    let served_east = east.serve().await.unwrap();
+    west.apply(&remote_secret("istio-remote-secret-east", &[("east", served_east.kubeconfig_yaml("east"))]));
+    let timeouts = metric("crossgate_control_remote_sync_timeouts_total").unwrap_or(0.0);
+    let timeout = Duration::from_millis(800);
+    let started = std::time::Instant::now();
+    let (stop, task) =
+        harness.run_with(west.client(), "west", KubeOptions { remote_sync_timeout: timeout, ..options() });
+
+    assert_eventually("primed", WAIT, || harness.primed()).await;
+    assert!(started.elapsed() >= timeout, "primed after {:?}, before the timeout", started.elapsed());
+    assert_eq!(harness.clusters(), ["west"], "served without east");
+    assert_eq!(harness.synced("east"), Some(false));
+    assert_eq!(metric("crossgate_control_remote_sync_timeouts_total"), Some(timeouts + 1.0));
+    stop.send(()).unwrap();
+    task.await.unwrap();
 }
