@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::balance::ConnectionBalance;
 use crate::forward::CopyMode;
 use crate::lb::{GatewayIdentity, LbConfigError, Locality, NETWORK_LABEL};
 
@@ -118,6 +119,11 @@ pub struct GatewayConfig {
     /// Data-plane worker threads; defaults to the number of cores.
     #[arg(long, env = "CROSSGATE_WORKERS")]
     pub workers: Option<usize>,
+
+    /// `exact`: a worker holding more connections than the least loaded one hands new ones over (Envoy's
+    /// `exact_balance`); `kernel`: connections stay where the kernel's SO_REUSEPORT hash put them.
+    #[arg(long, env = "CROSSGATE_CONNECTION_BALANCE", value_enum, default_value_t = ConnectionBalance::Exact)]
+    pub connection_balance: ConnectionBalance,
 
     /// How long a client may take to send its whole ClientHello (Envoy's listener filter timeout).
     #[arg(long, env = "CROSSGATE_HELLO_TIMEOUT", default_value = "15s")]

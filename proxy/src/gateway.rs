@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminAddresses, AdminState, Port};
+use crate::balance::{Balancer, ConnectionBalance};
 use crate::config::{ConfigError, GatewayConfig};
 use crate::discovery::ConfigStore;
 use crate::discovery::file::ResourcesFile;
@@ -207,7 +208,8 @@ impl Gateway {
             () = drain.reached(Phase::ListenerClosed) => {}
         }
         let listen = listeners[0].sockets[0].local_addr()?;
-        let finished = spawn_workers(listeners, workers, &shared)?;
+        let balance = admin.config.connection_balance;
+        let finished = spawn_workers(listeners, workers, balance, &shared, &admin.telemetry)?;
         admin.listening.store(true, Ordering::Release);
         tracing::info!(%listen, workers, "gateway accepting");
         for worker in finished {
@@ -276,12 +278,14 @@ async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
 
 /// Starts the data-plane threads, like Envoy's workers: each runs its own single-threaded runtime and accepts
 /// on its own socket of every listener, so a connection lives on one thread from accept to close, without
-/// work stealing or cross-thread wakeups. Each thread ends once the gateway is terminated and its tunnels
+/// work stealing or cross-thread wakeups (but for the connections `balance` hands over). Each thread ends once the gateway is terminated and its tunnels
 /// have closed (or `CLOSE_WAIT` has passed); the receivers resolve then.
 fn spawn_workers(
     listeners: Vec<Listener>,
     workers: usize,
+    balance: ConnectionBalance,
     shared: &Shared,
+    telemetry: &Telemetry,
 ) -> anyhow::Result<Vec<tokio::sync::oneshot::Receiver<()>>> {
     let mut shares: Vec<Vec<(std::net::TcpListener, Arc<Shared>)>> = (0..workers).map(|_| Vec::new()).collect();
     for Listener { sockets, shared } in listeners {
@@ -289,10 +293,15 @@ fn spawn_workers(
             share.push((socket, Arc::clone(&shared)));
         }
     }
+    let runtimes = (0..workers)
+        .map(|_| tokio::runtime::Builder::new_current_thread().enable_all().build())
+        .collect::<Result<Vec<_>, _>>()?;
+    let handles = runtimes.iter().map(|runtime| runtime.handle().clone());
+    let balancer = telemetry.register(|| Balancer::new(handles, balance));
     let mut finished = Vec::with_capacity(workers);
-    for (index, share) in shares.into_iter().enumerate() {
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    for (index, (share, runtime)) in shares.into_iter().zip(runtimes).enumerate() {
         let (drain, connections) = (shared.drain.clone(), Arc::clone(&shared.connections));
+        let balancer = Arc::clone(&balancer);
         let (done, done_receiver) = tokio::sync::oneshot::channel();
         std::thread::Builder::new().name(format!("crossgate-worker-{index}")).spawn(move || {
             runtime.block_on(async move {
@@ -300,7 +309,7 @@ fn spawn_workers(
                 for (socket, shared) in share {
                     match TcpListener::from_std(socket) {
                         Ok(listener) => {
-                            accept_loops.spawn(listener::accept_loop(listener, shared));
+                            accept_loops.spawn(listener::accept_loop(listener, shared, Arc::clone(&balancer), index));
                         }
                         Err(error) => tracing::error!(%error, "cannot accept on a worker's socket"),
                     }

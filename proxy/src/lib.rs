@@ -2,6 +2,7 @@
 //! mTLS ClientHello on :15443 and passes the still-encrypted connection to a local endpoint of that service.
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod discovery;
 pub mod drain;

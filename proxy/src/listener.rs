@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
+use crate::balance::{Balancer, LoadGuard, Placement};
 use crate::config::Keepalive;
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
@@ -114,7 +115,7 @@ fn bind_reusable(address: SocketAddr, keepalive: &Keepalive) -> io::Result<std::
 }
 
 /// Accepts until the drain closes the listener.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, balancer: Arc<Balancer>, worker: usize) {
     let closed = shared.drain.reached(Phase::ListenerClosed);
     tokio::pin!(closed);
     loop {
@@ -125,7 +126,12 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(serve_connection(stream, peer, Arc::clone(&shared)));
+                let placement = balancer.place(worker);
+                if placement.worker == worker {
+                    tokio::spawn(serve_connection(stream, peer, Arc::clone(&shared), placement.load));
+                } else {
+                    hand_over(stream, peer, Arc::clone(&shared), placement, &balancer);
+                }
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning; the backlog holds the rest.
@@ -135,6 +141,20 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
         }
     }
     tracing::info!("listener closed");
+}
+
+/// Moves an accepted connection to another worker's runtime: out of this worker's epoll, into that one's.
+fn hand_over(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, placement: Placement, balancer: &Balancer) {
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => return tracing::warn!(%peer, %error, "cannot hand a connection to another worker"),
+    };
+    balancer.runtime(placement.worker).spawn(async move {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => serve_connection(stream, peer, shared, placement.load).await,
+            Err(error) => tracing::warn!(%peer, %error, "cannot take a connection from another worker"),
+        }
+    });
 }
 
 /// Increments a gauge for as long as it lives.
@@ -160,8 +180,14 @@ impl Drop for GaugeGuard {
 /// A plain function returning an `async move` block, not an `async fn`: an async fn keeps a second copy of its
 /// arguments in its state for as long as it runs (rust-lang/rust#62958).
 #[allow(clippy::manual_async_fn)]
-fn serve_connection(mut downstream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) -> impl Future<Output = ()> {
+fn serve_connection(
+    mut downstream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    load: LoadGuard,
+) -> impl Future<Output = ()> {
     async move {
+        let _load = load;
         let (_open, open_now) = shared.connections.open();
         let metrics = &shared.metrics;
         metrics.downstream_cx_total.increment(1);
@@ -403,6 +429,7 @@ async fn connect_cluster<'s>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::balance::ConnectionBalance;
 
     #[test]
     fn a_group_shares_one_port_spreads_connections_and_hands_its_options_to_accepted_sockets() {
@@ -451,7 +478,9 @@ mod tests {
                 copy: CopyMode::Auto,
             },
         });
-        let task = serve_connection(stream, "127.0.0.1:1".parse().unwrap(), shared);
+        let runtime = tokio::runtime::Handle::current();
+        let load = Balancer::new([runtime], ConnectionBalance::Exact).place(0).load;
+        let task = serve_connection(stream, "127.0.0.1:1".parse().unwrap(), shared, load);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a connection's task state grew to {size} bytes");
     }
