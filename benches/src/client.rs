@@ -72,15 +72,15 @@ pub struct Load {
 }
 
 impl Load {
-    /// `identity` connects to servers certified as `server_dns_name`, offering `alpn`.
+    /// `identity` connects to servers whose certificate names `server_spiffe`, offering `alpn`.
     pub fn new(
         identity: &WorkloadIdentity,
-        server_dns_name: &str,
+        server_spiffe: &str,
         alpn: &[&[u8]],
         target: SocketAddr,
         sni: &str,
     ) -> Load {
-        let mut config = ClientConfig::clone(&identity.client_config(server_dns_name, alpn));
+        let mut config = ClientConfig::clone(&identity.client_config(server_spiffe, alpn));
         config.resumption = Resumption::disabled();
         Load { config: Arc::new(config), target, sni: sni.into(), next_source: Arc::new(AtomicUsize::new(0)) }
     }

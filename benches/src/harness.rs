@@ -208,7 +208,7 @@ impl Bench<'_> {
     ) -> anyhow::Result<()> {
         let backend = self.backend_runtime.block_on(Backend::start(&self.server))?;
         let mut running = target.start(workers, backend.address, self.nofile)?;
-        let load = Load::new(&self.client, &self.server.dns_name, &SIDECAR_ALPN, running.address, SNI);
+        let load = Load::new(&self.client, &self.server.spiffe, &SIDECAR_ALPN, running.address, SNI);
         let client = &self.client_runtime;
 
         progress.phase("ready");
@@ -301,8 +301,8 @@ impl Bench<'_> {
     /// A wrong SNI, and (where the target matches ALPN, as Istio's filter chains do) a hello without Istio's
     /// ALPNs, must be closed without reaching the backend.
     fn check_routing(&self, kind: Kind, backend: &Backend, address: std::net::SocketAddr) -> Option<String> {
-        let load = Load::new(&self.client, &self.server.dns_name, &SIDECAR_ALPN, address, WRONG_SNI);
-        let h2_only = Load::new(&self.client, &self.server.dns_name, &[b"h2"], address, SNI);
+        let load = Load::new(&self.client, &self.server.spiffe, &SIDECAR_ALPN, address, WRONG_SNI);
+        let h2_only = Load::new(&self.client, &self.server.spiffe, &[b"h2"], address, SNI);
         let before = backend.accepted();
         let within = Duration::from_secs(3);
         let wrong_sni_through = self.client_runtime.block_on(load.answers(within));

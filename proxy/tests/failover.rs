@@ -17,7 +17,7 @@ const WITHIN: Duration = Duration::from_secs(15);
 async fn losing_the_near_locality_moves_connections_far_and_back() {
     let ca = TestCa::new("cluster.local");
     let (client, server) = (ca.workload("sleep", "sleep"), ca.workload("sample", "helloworld"));
-    let client_config = client.client_config(&server.dns_name, &SIDECAR_ALPN);
+    let client_config = client.client_config(&server.spiffe, &SIDECAR_ALPN);
     let mut near = vec![EchoBackend::start(&server, "near-1").await, EchoBackend::start(&server, "near-2").await];
     let far = [EchoBackend::start(&server, "far-1").await, EchoBackend::start(&server, "far-2").await];
     let near_addresses: Vec<SocketAddr> = near.iter().map(|b| b.address).collect();

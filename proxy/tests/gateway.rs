@@ -27,7 +27,7 @@ fn mesh() -> Mesh {
 
 impl Mesh {
     fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        self.client.client_config(&self.server.dns_name, &SIDECAR_ALPN)
+        self.client.client_config(&self.server.spiffe, &SIDECAR_ALPN)
     }
 }
 
@@ -199,9 +199,9 @@ async fn every_refusal_closes_and_is_counted() {
     // No SNI: with an IP address as server name rustls sends none.
     assert!(workload::connect(gateway.listen, "127.0.0.1", mesh.client_config()).await.is_err());
     // An ALPN that is not Istio's mTLS (a plain HTTP/2 client), and no ALPN at all.
-    let h2 = mesh.client.client_config(&mesh.server.dns_name, &[b"h2"]);
+    let h2 = mesh.client.client_config(&mesh.server.spiffe, &[b"h2"]);
     assert!(workload::connect(gateway.listen, SNI, h2).await.is_err());
-    let no_alpn = mesh.client.client_config(&mesh.server.dns_name, &[]);
+    let no_alpn = mesh.client.client_config(&mesh.server.spiffe, &[]);
     assert!(workload::connect(gateway.listen, SNI, no_alpn).await.is_err());
 
     // Plaintext HTTP.
@@ -533,7 +533,7 @@ async fn istiod_ports_pass_any_tls_through_to_istiod() {
     let gateway = TestGateway::start(&resources(&[], ""), &[&route]).await;
     let passthrough: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     // Any SNI and no Istio ALPN: a remote cluster's istiod client, or the API server calling the webhook.
-    let grpc_client = mesh.client.client_config(&mesh.server.dns_name, &[]);
+    let grpc_client = mesh.client.client_config(&mesh.server.spiffe, &[]);
     let mut tls = workload::connect(passthrough, "istiod.istio-system.svc", grpc_client).await.unwrap();
     assert_eq!(workload::read_greeting(&mut tls).await.unwrap(), ("istiod".to_owned(), mesh.client.spiffe.clone()));
     // Plaintext is still refused.

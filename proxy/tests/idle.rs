@@ -27,9 +27,8 @@ async fn idle_tunnels_hold_no_pipes() {
     let before = open_pipes();
     let mut tunnels = Vec::new();
     for _ in 0..TUNNELS {
-        let mut tls = workload::connect(gateway.listen, SNI, client.client_config(&server.dns_name, &SIDECAR_ALPN))
-            .await
-            .unwrap();
+        let mut tls =
+            workload::connect(gateway.listen, SNI, client.client_config(&server.spiffe, &SIDECAR_ALPN)).await.unwrap();
         workload::read_greeting(&mut tls).await.unwrap();
         tls.write_all(b"ping").await.unwrap();
         let mut pong = [0u8; 4];

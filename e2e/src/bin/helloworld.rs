@@ -13,7 +13,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use crossgate_e2e::{Identity, read_head, spiffe_ids, stream_byte};
+use crossgate_e2e::{Identity, read_head, stream_byte};
+use crossgate_mtls::spiffe_ids;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;

@@ -32,7 +32,7 @@ pub fn mesh() -> Mesh {
 
 impl Mesh {
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        self.client.client_config(&self.server.dns_name, &SIDECAR_ALPN)
+        self.client.client_config(&self.server.spiffe, &SIDECAR_ALPN)
     }
 
     /// The backend's name, as seen through the gateway at `address`.

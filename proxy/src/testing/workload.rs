@@ -17,7 +17,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-use super::pki::{WorkloadIdentity, spiffe_of};
+use crossgate_mtls::spiffe_ids;
+
+use super::pki::WorkloadIdentity;
 
 /// What the backend writes after the client's EOF, before closing its side: proof of half-close.
 pub const EOF_TRAILER: &[u8] = b"saw-eof\n";
@@ -76,7 +78,8 @@ impl Drop for EchoBackend {
 
 async fn echo(acceptor: TlsAcceptor, stream: TcpStream, name: &str) -> io::Result<()> {
     let mut tls = acceptor.accept(stream).await?;
-    let client = tls.get_ref().1.peer_certificates().and_then(|certs| spiffe_of(certs.first()?)).unwrap_or_default();
+    let certs = tls.get_ref().1.peer_certificates();
+    let client = certs.and_then(|certs| spiffe_ids(certs.first()?).first().cloned()).unwrap_or_default();
     tls.write_all(format!("{name} {client}\n").as_bytes()).await?;
     let mut buf = vec![0; 64 * 1024];
     loop {
@@ -182,7 +185,8 @@ pub async fn read_to_end<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Vec
 
 /// The first flight a rustls sidecar client sends for `sni` and `alpn`: a real ClientHello, as bytes.
 pub fn client_hello(identity: &super::pki::WorkloadIdentity, sni: &str, alpn: &[&[u8]]) -> Vec<u8> {
-    let config = identity.client_config(&identity.dns_name, alpn);
+    // Only the hello is written, so the server identity the client would check does not matter.
+    let config = identity.client_config(&identity.spiffe, alpn);
     let server_name = ServerName::try_from(sni.to_owned()).expect("valid server name");
     let mut connection = rustls::ClientConnection::new(config, server_name).expect("client connection");
     let mut hello = Vec::new();
