@@ -65,6 +65,11 @@ async fn losing_the_near_locality_moves_connections_far_and_back() {
     for (address, name) in near_addresses.iter().zip(["near-1", "near-2"]) {
         near.push(EchoBackend::serve(TcpListener::bind(address).await.unwrap(), &server, name));
     }
+    // The gateway's sweep un-ejects them when their time is up, with no connection to prompt it.
+    eventually(WITHIN, "the sweep un-ejects without traffic", || async {
+        metric(&gateway.metrics(), "crossgate_outlier_ejections_active", &[("cluster", SNI)]) == 0.0
+    })
+    .await;
     eventually(WITHIN, "traffic is back in the near locality", || async {
         call().await.is_some_and(|name| name.starts_with("near-"))
     })

@@ -24,7 +24,8 @@ pub struct ConfigStore {
     metrics: ConfigMetrics,
     /// Serialises builds, so that each starts from the snapshot it replaces.
     build: Mutex<()>,
-    loaded: watch::Sender<bool>,
+    /// How many configurations have been accepted: 0 until the first.
+    accepted: watch::Sender<u64>,
 }
 
 impl ConfigStore {
@@ -36,7 +37,7 @@ impl ConfigStore {
             telemetry,
             metrics,
             build: Mutex::new(()),
-            loaded: watch::Sender::new(false),
+            accepted: watch::Sender::new(0),
         }
     }
 
@@ -56,7 +57,7 @@ impl ConfigStore {
                 self.metrics.endpoints.set(table.endpoint_count() as f64);
                 self.routes.store(Arc::new(table));
                 self.metrics.accepted.increment(1);
-                self.loaded.send_replace(true);
+                self.accepted.send_modify(|accepted| *accepted += 1);
                 Ok(())
             }
             Err(invalid) => {
@@ -68,10 +69,15 @@ impl ConfigStore {
 
     /// True once a configuration has been accepted.
     pub fn is_loaded(&self) -> bool {
-        *self.loaded.borrow()
+        *self.accepted.borrow() > 0
     }
 
     pub async fn wait_loaded(&self) {
-        let _ = self.loaded.subscribe().wait_for(|loaded| *loaded).await;
+        let _ = self.accepted.subscribe().wait_for(|accepted| *accepted > 0).await;
+    }
+
+    /// Marked changed whenever a configuration is accepted.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.accepted.subscribe()
     }
 }

@@ -31,7 +31,7 @@ use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::{ArcSwap, Guard};
 use rand::Rng;
@@ -114,6 +114,8 @@ pub struct ClusterLb {
 
 /// Random draws before a retry falls back to a scan for an untried host.
 const RETRY_DRAWS: usize = 4;
+/// When a sweep finds the ejection lock taken, how soon it is tried again.
+const CONTENDED_SWEEP_RETRY: Duration = Duration::from_millis(10);
 
 impl ClusterLb {
     /// Builds the lb of cluster `cluster` (the metrics label) for `endpoints` as seen from `gateway`, keeping the
@@ -205,20 +207,22 @@ impl ClusterLb {
     }
 
     /// Runs the outlier detector's `interval` sweep when it is due: un-ejects hosts whose time is up and decays
-    /// the multipliers. Cheap when not due; the gateway should call it about once a second.
-    pub fn tick(&self, now: Instant) {
-        let Some(od) = &self.settings.outlier else { return };
+    /// the multipliers. Cheap when not due. Returns when the next sweep is due, or None without outlier
+    /// detection: the gateway sleeps until then.
+    pub fn tick(&self, now: Instant) -> Option<Instant> {
+        let od = self.settings.outlier.as_ref()?;
         // A contended lock means another thread is ejecting or sweeping right now.
-        let Ok(mut sweep) = self.shared.ejections.try_lock() else { return };
+        let Ok(mut sweep) = self.shared.ejections.try_lock() else { return Some(now + CONTENDED_SWEEP_RETRY) };
         match sweep.next {
             Some(due) if now >= due => {}
-            Some(_) => return,
+            Some(due) => return Some(due),
             None => {
                 sweep.next = Some(now + od.interval);
-                return;
+                return sweep.next;
             }
         }
         sweep.next = Some(now + od.interval);
+        let next = sweep.next;
         let mut changed = false;
         for host in &self.hosts {
             changed |= od.sweep(&host.state.outlier, now);
@@ -226,6 +230,7 @@ impl ClusterLb {
         if changed {
             self.ejections_changed();
         }
+        next
     }
 
     fn ejected_count(&self) -> usize {

@@ -198,13 +198,20 @@ fn max_ejection_percent_caps_ejections() {
 }
 
 #[test]
+fn a_cluster_without_outlier_detection_never_asks_for_a_sweep() {
+    let lb = build(vec![endpoint(1, "")], settings(""), "");
+    assert_eq!(lb.tick(Instant::now()), None);
+}
+
+#[test]
 fn ejection_lasts_base_times_multiplier_then_decays() {
     let od =
         "outlierDetection: {consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 10s, maxEjectionPercent: 100}";
     let lb = build(vec![endpoint(1, ""), endpoint(2, "")], settings(od), "");
     let t0 = Instant::now();
     let at = |ms: u64| t0 + Duration::from_millis(ms);
-    lb.tick(at(0)); // sweeps every second from here
+    assert_eq!(lb.tick(at(0)), Some(at(1_000)), "sweeps every second from here");
+    assert_eq!(lb.tick(at(400)), Some(at(1_000)), "not due yet");
     // Ticks every 100 ms from `from`; returns when host 0 comes back, in ms.
     let back_at = |from: u64| {
         (from..).step_by(100).find(|ms| {
@@ -223,7 +230,9 @@ fn ejection_lasts_base_times_multiplier_then_decays() {
     assert_eq!(back_at(11_100), Some(31_000));
     assert_eq!(lb.hosts()[0].state.outlier.multiplier(), 2);
     // Healthy for one interval per step: the multiplier decays back to 0.
-    (31_100..34_000).step_by(100).for_each(|ms| lb.tick(at(ms)));
+    for ms in (31_100..34_000).step_by(100) {
+        lb.tick(at(ms));
+    }
     assert_eq!(lb.hosts()[0].state.outlier.multiplier(), 0);
 }
 
