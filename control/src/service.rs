@@ -104,7 +104,7 @@ impl Control {
         let (primed_sender, primed) = watch::channel(false);
         let source = start_source(&config, updates, statuses, primed_sender, stopped_signal()).await?;
 
-        let versions = server::debounce(mesh, primed, config.debounce, config.debounce * 10);
+        let versions = server::debounce(mesh, primed.clone(), config.debounce, config.debounce * 10);
         let discovery = DiscoveryServer::new(versions, config.view.clone());
         let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
         if let Some(tls) = &config.tls {
@@ -113,7 +113,7 @@ impl Control {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
         let router = builder.add_service(GatewayDiscoveryServer::new(discovery.clone()));
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped_signal()));
-        let admin_task = tokio::spawn(serve_admin(admin, discovery, status, metrics, stopped_signal()));
+        let admin_task = tokio::spawn(serve_admin(admin, discovery, status, primed, metrics, stopped_signal()));
         tracing::info!(listen = %config.listen, "control service serving");
 
         shutdown.await;
@@ -185,12 +185,14 @@ fn server_tls(tls: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
     Ok(config)
 }
 
-/// The admin port: `/metrics`, `/ready` (200 once every watched cluster has synced), `/debug/gateways` and
-/// `/debug/clusters` (JSON).
+/// The admin port: `/metrics`, `/ready` (200 once gateways are being served: a later outage of one cluster
+/// must not take the control service out of its Service, or every gateway would lose it), `/debug/gateways`
+/// and `/debug/clusters` (JSON).
 async fn serve_admin(
     listener: TcpListener,
     discovery: DiscoveryServer,
     status: watch::Receiver<SyncStatuses>,
+    primed: watch::Receiver<bool>,
     metrics: Option<PrometheusHandle>,
     stopped: impl Future<Output = ()>,
 ) {
@@ -206,19 +208,19 @@ async fn serve_admin(
                 }
             },
         };
-        let (discovery, status, metrics) = (discovery.clone(), status.clone(), metrics.clone());
+        let (discovery, status, primed, metrics) = (discovery.clone(), status.clone(), primed.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let (status_code, body) = match request.uri().path() {
                     "/metrics" => (StatusCode::OK, metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default()),
+                    "/ready" if *primed.borrow() => (StatusCode::OK, "ready\n".to_owned()),
                     "/ready" => {
                         let statuses = status.borrow();
-                        match statuses.iter().find(|(_, s)| !s.synced()) {
-                            None => (StatusCode::OK, "ready\n".to_owned()),
-                            Some((cluster, _)) => {
-                                (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: cluster {cluster} not synced\n"))
-                            }
-                        }
+                        let waiting: Vec<&str> =
+                            statuses.iter().filter(|(_, s)| !s.synced()).map(|(cluster, _)| cluster.as_str()).collect();
+                        let body =
+                            format!("not ready: the mesh is not whole yet; not synced: [{}]\n", waiting.join(", "));
+                        (StatusCode::SERVICE_UNAVAILABLE, body)
                     }
                     "/debug/gateways" => (StatusCode::OK, json(&discovery.gateways())),
                     "/debug/clusters" => (StatusCode::OK, json(&*status.borrow())),

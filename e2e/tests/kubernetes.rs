@@ -189,6 +189,9 @@ async fn a_restarted_control_service_serves_gateways_only_once_its_clusters_have
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(control.debug_gateways().await[0]["pushes"], 0);
+    let (status, body) = control.admin_get("/ready").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("cluster2"), "{body}");
 
     clusters.cluster2.clear_faults();
     eventually(WITHIN, "the gateway is served again", || async {
@@ -196,5 +199,16 @@ async fn a_restarted_control_service_serves_gateways_only_once_its_clusters_have
     })
     .await;
     assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"));
+    assert_eq!(control.admin_get("/ready").await.0, 200);
+
+    // A later outage of cluster2 keeps the control service ready: it is serving, and its gateways need it.
+    clusters.cluster2.fail(Fault::Forbidden { kind: "EndpointSlice".into() });
+    clusters.cluster2.drop_watches();
+    eventually(WITHIN, "cluster2 shows as not synced", || async {
+        control.admin_get("/debug/clusters").await.1.contains("endpointslices")
+    })
+    .await;
+    assert_eq!(control.admin_get("/ready").await.0, 200);
+    assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"), "the last model keeps serving");
     control.stop().await;
 }

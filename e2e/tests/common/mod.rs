@@ -129,12 +129,20 @@ impl RunningControl {
     }
 
     pub async fn debug_gateways(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/debug/gateways").await.1).unwrap()
+    }
+
+    /// The status code and body of `GET path` on the admin port.
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        stream.write_all(b"GET /debug/gateways HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
         let mut response = String::new();
         stream.read_to_string(&mut response).await.unwrap();
-        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
+        let (head, body) = response.split_once("\r\n\r\n").unwrap();
+        let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap();
+        (status, body.to_owned())
     }
 }
 
