@@ -11,6 +11,7 @@ use crossgate_proxy::testing::workload::{self, Dribble, EOF_TRAILER, EchoBackend
 use crossgate_proxy::testing::{eventually, metric, refusing_address};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 const SNI: &str = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
 const WITHIN: Duration = Duration::from_secs(10);
@@ -28,6 +29,14 @@ fn mesh() -> Mesh {
 impl Mesh {
     fn client_config(&self) -> Arc<rustls::ClientConfig> {
         self.client.client_config(&self.server.spiffe, &SIDECAR_ALPN)
+    }
+
+    /// A sidecar's tunnel through the gateway at `gateway` to cluster `SNI`, past the backend's greeting: the
+    /// stream, and the name of the backend that answered.
+    async fn tunnel(&self, gateway: SocketAddr) -> (TlsStream<TcpStream>, String) {
+        let mut tls = workload::connect(gateway, SNI, self.client_config()).await.unwrap();
+        let (backend, _) = workload::read_greeting(&mut tls).await.unwrap();
+        (tls, backend)
     }
 }
 
@@ -75,8 +84,7 @@ async fn adaptive_copy_keeps_small_exchanges_flowing_around_bulk() {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "helloworld-v1").await;
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &["--copy=auto"]).await;
-    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut tls).await.unwrap();
+    let (mut tls, _) = mesh.tunnel(gateway.listen).await;
     let bulk: Vec<u8> = (0..2_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
     for round in 0..3 {
         for exchange in 0..20 {
@@ -158,8 +166,7 @@ async fn bytes_are_counted_while_the_tunnel_is_open() {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &[]).await;
-    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut tls).await.unwrap();
+    let (mut tls, _) = mesh.tunnel(gateway.listen).await;
     tls.write_all(&[7u8; 100_000]).await.unwrap();
     let mut echoed = vec![0u8; 100_000];
     tls.read_exact(&mut echoed).await.unwrap();
@@ -310,8 +317,7 @@ async fn the_downstream_connection_limit_holds() {
     let mesh = mesh();
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &["--max-downstream-connections=1"]).await;
-    let mut first = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut first).await.unwrap();
+    let (_first, _) = mesh.tunnel(gateway.listen).await;
     assert!(workload::connect(gateway.listen, SNI, mesh.client_config()).await.is_err());
     eventually(WITHIN, "overflow counted", || async { rejected(&gateway, "downstream_overflow") == 1.0 }).await;
 }
@@ -324,8 +330,7 @@ async fn refused_endpoints_are_skipped() {
     let extra = "  trafficPolicy: { loadBalancer: { simple: ROUND_ROBIN } }\n";
     let gateway = TestGateway::start(&resources(&[dead, backend.address], extra), &[]).await;
     for _ in 0..10 {
-        let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-        assert_eq!(workload::read_greeting(&mut tls).await.unwrap().0, "live");
+        assert_eq!(mesh.tunnel(gateway.listen).await.1, "live");
     }
     let m = gateway.metrics();
     assert!(metric(&m, "crossgate_upstream_cx_connect_fail_total", &[("cluster", SNI)]) >= 1.0);
@@ -338,13 +343,12 @@ async fn reload_keeps_open_tunnels_and_refuses_bad_files() {
     let old = EchoBackend::start(&mesh.server, "old").await;
     let new = EchoBackend::start(&mesh.server, "new").await;
     let gateway = TestGateway::start(&resources(&[old.address], ""), &[]).await;
-    let mut open = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    assert_eq!(workload::read_greeting(&mut open).await.unwrap().0, "old");
+    let (mut open, backend) = mesh.tunnel(gateway.listen).await;
+    assert_eq!(backend, "old");
 
     gateway.write_resources(&resources(&[new.address], ""));
     eventually(WITHIN, "the new endpoint takes new connections", || async {
-        let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-        workload::read_greeting(&mut tls).await.unwrap().0 == "new"
+        mesh.tunnel(gateway.listen).await.1 == "new"
     })
     .await;
     // The tunnel opened before the reload still carries bytes.
@@ -359,8 +363,7 @@ async fn reload_keeps_open_tunnels_and_refuses_bad_files() {
         metric(&gateway.metrics(), "crossgate_config_updates_total", &[("result", "rejected")]) >= 1.0
     })
     .await;
-    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    assert_eq!(workload::read_greeting(&mut tls).await.unwrap().0, "new");
+    assert_eq!(mesh.tunnel(gateway.listen).await.1, "new");
 }
 
 async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
@@ -403,8 +406,7 @@ async fn drain_fails_readiness_keeps_accepting_then_closes_and_lets_tunnels_fini
     let flags = ["--drain-duration=500ms", "--termination-grace=20s"];
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &flags).await;
     eventually(WITHIN, "ready", || async { http_get(gateway.admin.status, "/healthz/ready").await.0 == 200 }).await;
-    let mut open = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut open).await.unwrap();
+    let (mut open, _) = mesh.tunnel(gateway.listen).await;
 
     let handle = gateway.handle.clone();
     let shutdown = tokio::spawn(async move { handle.shut_down().await });
@@ -413,8 +415,7 @@ async fn drain_fails_readiness_keeps_accepting_then_closes_and_lets_tunnels_fini
     })
     .await;
     // Within the drain duration the listener still accepts and routes, as Envoy's graceful drain does.
-    let mut during = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut during).await.unwrap();
+    let (during, _) = mesh.tunnel(gateway.listen).await;
     drop(during);
     // Then it closes.
     eventually(WITHIN, "listener closed", || async { TcpStream::connect(gateway.listen).await.is_err() }).await;
@@ -435,8 +436,7 @@ async fn termination_grace_closes_lingering_tunnels() {
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let flags = ["--drain-duration=100ms", "--termination-grace=500ms"];
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &flags).await;
-    let mut open = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut open).await.unwrap();
+    let (mut open, _) = mesh.tunnel(gateway.listen).await;
     gateway.handle.shut_down().await;
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(WITHIN, open.read(&mut buf)).await.expect("tunnel closed by the gateway");
@@ -467,8 +467,7 @@ async fn idle_tunnels_time_out() {
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let extra = "  trafficPolicy: { connectionPool: { tcp: { idleTimeout: 300ms } } }\n";
     let gateway = TestGateway::start(&resources(&[backend.address], extra), &[]).await;
-    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut tls).await.unwrap();
+    let (mut tls, _) = mesh.tunnel(gateway.listen).await;
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(WITHIN, tls.read(&mut buf)).await.expect("closed for idleness");
     assert!(matches!(read, Ok(0) | Err(_)));
@@ -555,8 +554,7 @@ async fn tunnels_end_at_the_max_connection_duration_even_when_busy() {
     let backend = EchoBackend::start(&mesh.server, "v1").await;
     let extra = "  trafficPolicy: { connectionPool: { tcp: { maxConnectionDuration: 500ms } } }\n";
     let gateway = TestGateway::start(&resources(&[backend.address], extra), &[]).await;
-    let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-    workload::read_greeting(&mut tls).await.unwrap();
+    let (mut tls, _) = mesh.tunnel(gateway.listen).await;
     let started = std::time::Instant::now();
     // Keep the tunnel busy: it is closed for its age, not for idleness.
     let mut echoed = [0u8; 4];
@@ -579,8 +577,7 @@ async fn workers_hold_level_shares_of_the_connections_and_each_one_carries_traff
     let gateway = TestGateway::start(&resources(&[backend.address], ""), &["--workers=2"]).await;
     let mut tunnels = Vec::new();
     for _ in 0..16 {
-        let mut tls = workload::connect(gateway.listen, SNI, mesh.client_config()).await.unwrap();
-        workload::read_greeting(&mut tls).await.unwrap();
+        let (tls, _) = mesh.tunnel(gateway.listen).await;
         tunnels.push(tls);
     }
     // The kernel's hash splits 16 connections 8/8 only one time in five; the gateway evens out the rest.
