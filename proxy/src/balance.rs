@@ -64,24 +64,28 @@ impl Balancer {
     /// The worker that should serve a connection accepted by worker `here`, with the connection already counted
     /// in its load until the returned guard drops.
     pub fn place(self: &Arc<Self>, here: usize) -> Placement {
-        let load = |worker: &Worker| worker.load.0.load(Ordering::Relaxed);
-        let local = load(&self.workers[here]);
-        let (least, least_load) = self
-            .workers
-            .iter()
-            .enumerate()
-            .map(|(index, worker)| (index, load(worker)))
-            .min_by_key(|&(_, load)| load)
-            .expect("at least one worker");
-        let worker = if self.mode == ConnectionBalance::Exact && local > least_load {
-            self.workers[here].handed_over.increment(1);
-            least
-        } else {
-            here
+        let worker = match self.mode {
+            ConnectionBalance::Kernel => here,
+            ConnectionBalance::Exact => self.least_loaded_unless_level(here),
         };
         self.workers[worker].load.0.fetch_add(1, Ordering::Relaxed);
         self.workers[worker].active.increment(1.0);
         Placement { worker, load: LoadGuard { balancer: Arc::clone(self), worker } }
+    }
+
+    /// `here`, unless it holds more connections than the least loaded worker: that one then (counted as a
+    /// hand-over).
+    fn least_loaded_unless_level(&self, here: usize) -> usize {
+        let (least, least_load) = (0..self.workers.len())
+            .map(|index| (index, self.load(index)))
+            .min_by_key(|&(_, load)| load)
+            .expect("at least one worker");
+        if self.load(here) > least_load {
+            self.workers[here].handed_over.increment(1);
+            least
+        } else {
+            here
+        }
     }
 
     /// The runtime of worker `index`, to spawn a handed-over connection on.

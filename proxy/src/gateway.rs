@@ -281,8 +281,9 @@ async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
 
 /// Starts the data-plane threads, like Envoy's workers: each runs its own single-threaded runtime and accepts
 /// on its own socket of every listener, so a connection lives on one thread from accept to close, without
-/// work stealing or cross-thread wakeups (but for the connections `balance` hands over). Each thread ends once the gateway is terminated and its tunnels
-/// have closed (or `CLOSE_WAIT` has passed); the receivers resolve then.
+/// work stealing or cross-thread wakeups (but for the connections `balance` hands over). Each thread ends once
+/// the gateway is terminated and its tunnels have closed (or `CLOSE_WAIT` has passed); the receivers resolve
+/// then.
 fn spawn_workers(
     listeners: Vec<Listener>,
     workers: usize,
