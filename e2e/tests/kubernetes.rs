@@ -153,14 +153,8 @@ async fn kubernetes_clusters_joined_by_a_remote_secret_route_by_network() {
     cluster1.delete("Secret", Some("istio-system"), "istio-remote-secret-cluster2");
     eventually(WITHIN, "cluster2 left the mesh", || async { mesh.call(west.listen).await.is_none() }).await;
     assert_eq!(mesh.call(east.listen).await.as_deref(), Some("v1-cluster1"));
-    let statuses: BTreeMap<String, Value> = {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(control.admin).await.unwrap();
-        stream.write_all(b"GET /debug/clusters HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        serde_json::from_str(response.split_once("\r\n\r\n").unwrap().1).unwrap()
-    };
+    let statuses: BTreeMap<String, Value> =
+        serde_json::from_str(&control.admin_get("/debug/clusters").await.1).unwrap();
     assert_eq!(statuses.keys().collect::<Vec<_>>(), vec!["cluster1"], "{statuses:?}");
     control.stop().await;
 }
