@@ -212,11 +212,7 @@ fn assignment(
 }
 
 pub fn envoy_locality(locality: &Locality) -> core::Locality {
-    core::Locality {
-        region: locality.region.clone(),
-        zone: locality.zone.clone(),
-        sub_zone: locality.subzone.clone(),
-    }
+    core::Locality { region: locality.region.clone(), zone: locality.zone.clone(), sub_zone: locality.subzone.clone() }
 }
 
 fn lb_endpoint(e: &ParsedEndpoint<'_>, namespace: &str) -> endpoint::LbEndpoint {

@@ -6,5 +6,6 @@
 pub mod gateway;
 pub mod labels;
 pub mod locality_lb;
+pub mod node;
 pub mod policy;
 pub mod sni;
