@@ -1,6 +1,8 @@
 //! crossgate-control: the control service. It watches every cluster of the mesh and pushes to each gateway
 //! the endpoints it may route to.
 
+pub mod ads;
+pub mod bootstrap;
 pub mod certs;
 pub mod model;
 pub mod server;

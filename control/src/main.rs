@@ -4,10 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use crossgate_control::ads::AdsOptions;
+use crossgate_control::bootstrap::{EnvoyBootstrap, XdsAddress};
 use crossgate_control::certs;
 use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles, install_metrics};
 use crossgate_control::sources::kube::KubeOptions;
 use crossgate_control::views::ViewOptions;
+use crossgate_istio::labels::Locality;
+use crossgate_istio::locality_lb::NetworkFailover;
+use crossgate_istio::node::GatewayNode;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
@@ -28,6 +33,54 @@ enum Command {
     /// Write certificates in Istio's cacerts layout (Makefile.selfsigned.mk).
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Print the bootstrap of a gateway fed by this service.
+    #[command(subcommand)]
+    Bootstrap(BootstrapCommand),
+}
+
+#[derive(Subcommand)]
+enum BootstrapCommand {
+    /// An Envoy bootstrap (JSON) like Istio's gateway bootstrap: delta ADS to --xds, the admin on 127.0.0.1,
+    /// /healthz/ready and /stats/prometheus listeners. Run it with `envoy -c FILE`.
+    Envoy(EnvoyBootstrapArgs),
+}
+
+#[derive(Args)]
+struct EnvoyBootstrapArgs {
+    /// The gateway's node ID (e.g. its pod name).
+    #[arg(long)]
+    node_id: String,
+    /// The cluster it runs in (Istio's CLUSTER_ID).
+    #[arg(long)]
+    cluster_id: String,
+    /// Its network (ISTIO_META_NETWORK).
+    #[arg(long)]
+    network: String,
+    /// Networks whose endpoints it is sent (ISTIO_META_REQUESTED_NETWORK_VIEW), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    requested_network_view: Vec<String>,
+    /// `region/zone/subzone`, for locality failover.
+    #[arg(long, default_value = "")]
+    locality: Locality,
+    /// Its pod labels, compared by failoverPriority: `--label key=value`, repeated.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// The control service's gRPC address, HOST:PORT.
+    #[arg(long)]
+    xds: XdsAddress,
+    #[arg(long, default_value_t = 15000)]
+    admin_port: u16,
+    #[arg(long, default_value_t = 15021)]
+    status_port: u16,
+    #[arg(long, default_value_t = 15090)]
+    metrics_port: u16,
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
 }
 
 #[derive(Args)]
@@ -74,6 +127,13 @@ struct RunArgs {
     /// Require gateway certificates chaining to this CA (mTLS).
     #[arg(long, env = "CROSSGATE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Whose failoverPriority network rule Envoy gateways' priorities follow: 1.31 (the network preferred) or
+    /// 1.30 (another network last).
+    #[arg(long, env = "CROSSGATE_ISTIO_VERSION", default_value = "1.31")]
+    istio_version: NetworkFailover,
+    /// The port of the sni-dnat listener pushed to Envoy gateways (Istio's 15443).
+    #[arg(long, env = "CROSSGATE_GATEWAY_LISTEN_PORT", default_value_t = 15443)]
+    gateway_listen_port: u16,
 }
 
 #[derive(Subcommand)]
@@ -113,6 +173,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Certs(command) => write_certs(command),
+        Command::Bootstrap(BootstrapCommand::Envoy(args)) => print_envoy_bootstrap(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -146,6 +207,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             gateway_namespace: args.system_namespace.clone(),
             root_namespace: args.system_namespace,
         },
+        ads: AdsOptions {
+            network_failover: args.istio_version,
+            listener_port: args.gateway_listen_port,
+            ..AdsOptions::default()
+        },
         listen: args.listen,
         admin: args.admin_addr,
         debounce: args.debounce,
@@ -172,6 +238,25 @@ async fn shutdown_signal() {
         _ => std::future::pending().await,
     }
     tracing::info!("stopping");
+}
+
+fn print_envoy_bootstrap(args: EnvoyBootstrapArgs) -> anyhow::Result<()> {
+    let node = GatewayNode {
+        id: args.node_id,
+        cluster_id: args.cluster_id,
+        network: args.network,
+        requested_network_view: args.requested_network_view.into_iter().filter(|n| !n.is_empty()).collect(),
+        locality: args.locality,
+        labels: args.labels.into_iter().collect(),
+    };
+    let bootstrap = EnvoyBootstrap {
+        admin_port: args.admin_port,
+        status_port: args.status_port,
+        metrics_port: args.metrics_port,
+        ..EnvoyBootstrap::new(node, args.xds)
+    };
+    println!("{}", serde_json::to_string_pretty(&bootstrap.to_json())?);
+    Ok(())
 }
 
 fn write_certs(command: CertsCommand) -> anyhow::Result<()> {

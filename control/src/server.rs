@@ -22,7 +22,7 @@ use crate::views::{self, Delta, ViewOptions};
 
 /// The version before the source has a mesh worth serving: a gateway that connects then waits (a reconnecting
 /// one keeps what it has) rather than being told the mesh is empty.
-const UNPRIMED: u64 = 0;
+pub(crate) const UNPRIMED: u64 = 0;
 
 /// One state of the mesh, as pushed: numbered, and stamped with when its first change was seen.
 #[derive(Debug)]

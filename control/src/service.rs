@@ -1,6 +1,7 @@
 //! crossgate-control as a running service: a source of the mesh (the mesh file, or the Kubernetes clusters
-//! and their remote secrets), debounced into versions, served to gateways over gRPC (plaintext or mTLS),
-//! with an admin port for metrics, readiness and the per-gateway debug view.
+//! and their remote secrets), debounced into versions, served to gateways over gRPC (plaintext or mTLS) as
+//! Envoy's xDS (ADS) and, until crossgate-proxy moves to it, as crossgate's own delta discovery service, with
+//! an admin port for metrics, readiness and the per-gateway debug view.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::ads::{AdsOptions, AdsServer, MAX_MESSAGE_SIZE};
 use crate::model::MeshModel;
 use crate::server::{self, DiscoveryServer};
 use crate::sources::file::{self, EMBEDDED_MESH, MeshFile};
@@ -53,6 +55,8 @@ pub struct ControlConfig {
     /// This cluster's ID (Istio's CLUSTER_ID).
     pub cluster_id: String,
     pub view: ViewOptions,
+    /// How Envoy resources are built for the gateways.
+    pub ads: AdsOptions,
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub debounce: Duration,
@@ -105,15 +109,21 @@ impl Control {
         let source = start_source(&config, updates, statuses, primed_sender, stopped_signal()).await?;
 
         let versions = server::debounce(mesh, primed.clone(), config.debounce, config.debounce * 10);
-        let discovery = DiscoveryServer::new(versions, config.view.clone());
+        // Both services serve the same mesh versions.
+        let discovery = DiscoveryServer::new(versions.clone(), config.view.clone());
+        let ads = AdsServer::new(versions, config.view.clone(), config.ads.clone());
         let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
         if let Some(tls) = &config.tls {
             builder = builder.tls_config(server_tls(tls)?)?;
         }
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-        let router = builder.add_service(GatewayDiscoveryServer::new(discovery.clone()));
+        let legacy = GatewayDiscoveryServer::new(discovery.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE);
+        let router = builder.add_service(ads.clone().service()).add_service(legacy);
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped_signal()));
-        let admin_task = tokio::spawn(serve_admin(admin, discovery, status, primed, metrics, stopped_signal()));
+        let gateways = Gateways { discovery, ads };
+        let admin_task = tokio::spawn(serve_admin(admin, gateways, status, primed, metrics, stopped_signal()));
         tracing::info!(listen = %config.listen, "control service serving");
 
         shutdown.await;
@@ -185,12 +195,31 @@ fn server_tls(tls: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
     Ok(config)
 }
 
+/// The gateways of both services, for `/debug/gateways`.
+#[derive(Clone)]
+struct Gateways {
+    discovery: DiscoveryServer,
+    ads: AdsServer,
+}
+
+impl Gateways {
+    /// One list: crossgate-proxy's gateways on the crossgate service first, then the Envoy (ADS) ones.
+    fn json(&self) -> String {
+        let legacy = self.discovery.gateways().into_iter().map(serde_json::to_value);
+        let ads = self.ads.gateways().into_iter().map(serde_json::to_value);
+        match legacy.chain(ads).collect::<Result<Vec<_>, _>>() {
+            Ok(all) => json(&all),
+            Err(e) => format!("{{\"error\": \"{e}\"}}"),
+        }
+    }
+}
+
 /// The admin port: `/metrics`, `/ready` (200 once gateways are being served: a later outage of one cluster
 /// must not take the control service out of its Service, or every gateway would lose it), `/debug/gateways`
 /// and `/debug/clusters` (JSON).
 async fn serve_admin(
     listener: TcpListener,
-    discovery: DiscoveryServer,
+    gateways: Gateways,
     status: watch::Receiver<SyncStatuses>,
     primed: watch::Receiver<bool>,
     metrics: Option<PrometheusHandle>,
@@ -208,7 +237,7 @@ async fn serve_admin(
                 }
             },
         };
-        let (discovery, status, primed, metrics) = (discovery.clone(), status.clone(), primed.clone(), metrics.clone());
+        let (gateways, status, primed, metrics) = (gateways.clone(), status.clone(), primed.clone(), metrics.clone());
         tokio::spawn(async move {
             let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let (status_code, body) = match request.uri().path() {
@@ -222,7 +251,7 @@ async fn serve_admin(
                             format!("not ready: the mesh is not whole yet; not synced: [{}]\n", waiting.join(", "));
                         (StatusCode::SERVICE_UNAVAILABLE, body)
                     }
-                    "/debug/gateways" => (StatusCode::OK, json(&discovery.gateways())),
+                    "/debug/gateways" => (StatusCode::OK, gateways.json()),
                     "/debug/clusters" => (StatusCode::OK, json(&*status.borrow())),
                     _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
                 };

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crossgate_control::ads::AdsOptions;
 use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles};
 use crossgate_control::views::ViewOptions;
 use crossgate_proxy::testing::gateway::TestGateway;
@@ -109,6 +110,7 @@ impl RunningControl {
             source,
             cluster_id: "cluster1".to_owned(),
             view: ViewOptions::default(),
+            ads: AdsOptions::default(),
             listen,
             admin: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(20),

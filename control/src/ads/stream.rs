@@ -1,0 +1,205 @@
+//! One gateway's ADS stream: its resources, rebuilt at each mesh version, and one [`TypeState`] per type,
+//! driven by its requests. A change is pushed clusters first, then their assignments, then the listener.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Instant, SystemTime};
+
+use crossgate_istio::node::GatewayNode;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::resources::{GatewayResources, Kind, ResourceBuilder};
+use super::status::{AdsGatewayStatus, NackStatus};
+use super::subscription::{Answer, Outcome, TypeState};
+use super::wire::Wire;
+use super::{Shared, view_node};
+use crate::server::{MeshVersion, UNPRIMED};
+use crate::views;
+
+pub(super) struct Session<W: Wire> {
+    shared: Arc<Shared>,
+    id: u64,
+    node: GatewayNode,
+    view_node: crossgate_proto::Node,
+    builder: ResourceBuilder,
+    types: [TypeState; 3],
+    /// `None` until the mesh is primed: nothing is pushed before.
+    resources: Option<GatewayResources>,
+    mesh_version: u64,
+    changed_at: Instant,
+    nonces: u64,
+    wire: PhantomData<W>,
+}
+
+impl<W: Wire> Session<W> {
+    pub(super) fn open(shared: Arc<Shared>, node: GatewayNode) -> Self {
+        let id = shared.next_stream.fetch_add(1, Ordering::Relaxed);
+        let identity = node.identity(shared.options.network_failover);
+        let status = AdsGatewayStatus {
+            protocol: W::PROTOCOL,
+            node: (&node).into(),
+            connected_at_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            acked: Default::default(),
+            pushes: 0,
+            acks: 0,
+            nacks: 0,
+            last_nack: None,
+        };
+        shared.gateways.lock().unwrap_or_else(|e| e.into_inner()).insert(id, status);
+        shared.metrics.connected(W::MODE).increment(1.0);
+        tracing::info!(
+            node = %node.id, cluster = %node.cluster_id, network = %node.network, protocol = W::PROTOCOL,
+            "Envoy gateway connected"
+        );
+        Session {
+            builder: ResourceBuilder::new(identity, shared.options.clone()),
+            view_node: view_node(&node),
+            shared,
+            id,
+            node,
+            types: Kind::ALL.map(|_| TypeState::new(W::MODE)),
+            resources: None,
+            mesh_version: UNPRIMED,
+            changed_at: Instant::now(),
+            nonces: 0,
+            wire: PhantomData,
+        }
+    }
+
+    pub(super) async fn serve(
+        mut self,
+        first: W::Request,
+        mut requests: Streaming<W::Request>,
+        responses: mpsc::Sender<Result<W::Response, Status>>,
+    ) {
+        let mut mesh = self.shared.mesh.clone();
+        // The guard of `borrow_and_update` is dropped at the end of each statement, before any await.
+        let snapshot = Arc::clone(&mesh.borrow_and_update());
+        self.refresh(&snapshot);
+        self.receive(&first);
+        loop {
+            for response in self.pushes() {
+                if responses.send(Ok(response)).await.is_err() {
+                    return;
+                }
+            }
+            tokio::select! {
+                changed = mesh.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = Arc::clone(&mesh.borrow_and_update());
+                    self.refresh(&snapshot);
+                }
+                request = requests.message() => match request {
+                    Ok(Some(request)) => self.receive(&request),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(node = %self.node.id, %status, "Envoy gateway stream failed");
+                        break;
+                    }
+                },
+            }
+        }
+        tracing::info!(node = %self.node.id, "Envoy gateway disconnected");
+    }
+
+    /// Rebuilds the gateway's resources at a new mesh version.
+    fn refresh(&mut self, snapshot: &MeshVersion) {
+        if snapshot.version == UNPRIMED {
+            return;
+        }
+        let view = views::gateway_view(&snapshot.mesh, &self.view_node, &self.shared.view);
+        self.resources = Some(self.builder.resources(&view, &self.shared.invalid));
+        self.mesh_version = snapshot.version;
+        self.changed_at = snapshot.changed_at;
+        self.types.iter_mut().for_each(TypeState::mark_dirty);
+    }
+
+    fn receive(&mut self, request: &W::Request) {
+        let type_url = W::type_url(request);
+        let Some(kind) = Kind::from_type_url(type_url) else {
+            tracing::debug!(node = %self.node.id, type_url, "request for a type this service does not serve");
+            return;
+        };
+        if let Some(outcome) = W::apply(request, &mut self.types[kind.index()]) {
+            self.answered(kind, outcome);
+        }
+    }
+
+    fn answered(&mut self, kind: Kind, Outcome { nonce, answer, held, changed_at }: Outcome) {
+        let metrics = &self.shared.metrics;
+        match answer {
+            Answer::Ack => {
+                metrics.acks[kind.index()].increment(1);
+                metrics.ack_seconds.record(changed_at.elapsed().as_secs_f64());
+                self.update_status(|status| {
+                    status.acks += 1;
+                    status.acked.insert(kind.type_url(), held);
+                });
+            }
+            Answer::Nack { message } => {
+                metrics.nacks[kind.index()].increment(1);
+                tracing::warn!(
+                    node = %self.node.id, r#type = kind.short(), %nonce, %message,
+                    "Envoy gateway refused a response; it keeps its last good version of what it refused, \
+                     and is not sent those versions again"
+                );
+                let nack = NackStatus { type_url: kind.type_url(), nonce, message };
+                self.update_status(|status| {
+                    status.nacks += 1;
+                    status.last_nack = Some(nack);
+                });
+            }
+        }
+    }
+
+    /// The responses due now, in push order.
+    fn pushes(&mut self) -> Vec<W::Response> {
+        let Some(resources) = &self.resources else { return Vec::new() };
+        let mut out = Vec::new();
+        for kind in Kind::ALL {
+            let nonces = &mut self.nonces;
+            let mesh_version = self.mesh_version;
+            let nonce = || {
+                *nonces += 1;
+                format!("{mesh_version}-{nonces}")
+            };
+            let Some(push) = self.types[kind.index()].next_push(resources.of(kind), nonce, self.changed_at) else {
+                continue;
+            };
+            if kind == Kind::Cluster {
+                // A replaced cluster warms again until it gets its assignment: send the assignment again.
+                self.types[Kind::Endpoint.index()].forget(&push.updated);
+            }
+            let count = push.resources.len() + push.removed.len();
+            let response = W::response(kind.type_url(), push, self.mesh_version);
+            let metrics = &self.shared.metrics;
+            metrics.pushes[kind.index()].increment(1);
+            metrics.push_resources.record(count as f64);
+            metrics.push_bytes.record(response.encoded_len() as f64);
+            out.push(response);
+        }
+        if !out.is_empty() {
+            let pushed = out.len() as u64;
+            self.update_status(|status| status.pushes += pushed);
+        }
+        out
+    }
+
+    fn update_status(&self, update: impl FnOnce(&mut AdsGatewayStatus)) {
+        if let Some(status) = self.shared.gateways.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&self.id) {
+            update(status);
+        }
+    }
+}
+
+impl<W: Wire> Drop for Session<W> {
+    fn drop(&mut self) {
+        self.shared.gateways.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.id);
+        self.shared.metrics.connected(W::MODE).decrement(1.0);
+    }
+}

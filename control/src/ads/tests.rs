@@ -1,0 +1,423 @@
+//! The ADS server over real gRPC on 127.0.0.1, driven by envoy-types' generated ADS client as Envoy drives it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::google::rpc;
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use super::*;
+use crate::model::MeshModel;
+use crate::sources::file::MeshFile;
+
+const HELLOWORLD: &str = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
+const IDLE: &str = "outbound_.80_._.idle.sample.svc.cluster.local";
+const BROKEN: &str = "outbound_.81_._.broken.sample.svc.cluster.local";
+const WITHIN: Duration = Duration::from_secs(5);
+
+/// helloworld with the given endpoint IPs; `idle` without endpoints; `broken`, whose PASSTHROUGH rule the
+/// builder refuses.
+fn mesh(helloworld: &[&str], with_idle: bool) -> MeshModel {
+    mesh_with_rules(helloworld, with_idle, "")
+}
+
+/// The same, with more destination rules (YAML flow mappings).
+fn mesh_with_rules(helloworld: &[&str], with_idle: bool, rules: &str) -> MeshModel {
+    let endpoints: String = helloworld
+        .iter()
+        .map(|ip| format!("    - {{ address: {ip}, labels: {{ security.istio.io/tlsMode: istio }} }}\n"))
+        .collect();
+    let idle = if with_idle {
+        "  - { name: idle, namespace: sample, ports: [{ port: 80, target_port: 8080 }] }\n"
+    } else {
+        ""
+    };
+    let yaml = format!(
+        "clusters:\n- name: cluster1\n  network: network1\n  services:\n  - name: helloworld\n    namespace: sample\n    \
+         ports: [{{ port: 5000, target_port: 15000 }}]\n    endpoints:\n{endpoints}{idle}  \
+         - {{ name: broken, namespace: sample, ports: [{{ port: 81 }}] }}\n  destination_rules:\n  \
+         - {{ name: broken, namespace: sample, host: broken, trafficPolicy: {{ loadBalancer: {{ simple: PASSTHROUGH }} }} }}\n{rules}"
+    );
+    MeshFile::parse(&yaml).unwrap_or_else(|e| panic!("{e}")).model("cluster.local")
+}
+
+struct Harness {
+    address: SocketAddr,
+    server: AdsServer,
+    mesh: watch::Sender<Arc<MeshVersion>>,
+}
+
+impl Harness {
+    async fn start(mesh: MeshModel) -> Harness {
+        let (sender, versions) = watch::channel(Arc::new(MeshVersion { mesh, version: 1, changed_at: Instant::now() }));
+        let server = AdsServer::new(versions, ViewOptions::default(), AdsOptions::default());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let service = server.clone().service();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(TcpListenerStream::new(listener))
+                .await
+        });
+        Harness { address, server, mesh: sender }
+    }
+
+    fn publish(&self, mesh: MeshModel) {
+        let version = self.mesh.borrow().version + 1;
+        self.mesh.send_replace(Arc::new(MeshVersion { mesh, version, changed_at: Instant::now() }));
+    }
+
+    async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
+        AggregatedDiscoveryServiceClient::connect(format!("http://{}", self.address)).await.unwrap()
+    }
+
+    fn gateway(&self) -> AdsGatewayStatus {
+        let gateways = self.server.gateways();
+        assert_eq!(gateways.len(), 1, "{gateways:?}");
+        gateways[0].clone()
+    }
+}
+
+fn node(cluster_id: &str) -> Node {
+    GatewayNode {
+        id: "gw-1".into(),
+        cluster_id: cluster_id.into(),
+        network: "network1".into(),
+        locality: "r1/z1".parse().unwrap(),
+        ..Default::default()
+    }
+    .to_envoy()
+}
+
+/// One side of a bidirectional stream, as a test drives it.
+struct Stream<Req, Resp> {
+    requests: mpsc::Sender<Req>,
+    responses: Streaming<Resp>,
+}
+
+impl<Req, Resp: Message + Default + std::fmt::Debug> Stream<Req, Resp> {
+    async fn send(&self, request: Req) {
+        self.requests.send(request).await.map_err(|_| "stream closed").unwrap();
+    }
+
+    async fn recv(&mut self) -> Resp {
+        tokio::time::timeout(WITHIN, self.responses.message()).await.expect("a response").unwrap().unwrap()
+    }
+
+    /// Nothing arrives for a while.
+    async fn quiet(&mut self) {
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(300), self.responses.message()).await {
+            panic!("unexpected {message:?}");
+        }
+    }
+}
+
+type DeltaStream = Stream<DeltaDiscoveryRequest, DeltaDiscoveryResponse>;
+type SotwStream = Stream<DiscoveryRequest, DiscoveryResponse>;
+
+/// The server reads the first request before it answers the call: it is queued before the call is made.
+async fn delta(harness: &Harness, first: DeltaDiscoveryRequest) -> Result<DeltaStream, Status> {
+    let (requests, outbound) = mpsc::channel(8);
+    requests.send(first).await.unwrap();
+    let responses = harness.client().await.delta_aggregated_resources(ReceiverStream::new(outbound)).await?;
+    Ok(Stream { requests, responses: responses.into_inner() })
+}
+
+async fn sotw(harness: &Harness, first: DiscoveryRequest) -> Result<SotwStream, Status> {
+    let (requests, outbound) = mpsc::channel(8);
+    requests.send(first).await.unwrap();
+    let responses = harness.client().await.stream_aggregated_resources(ReceiverStream::new(outbound)).await?;
+    Ok(Stream { requests, responses: responses.into_inner() })
+}
+
+fn subscribe(kind: Kind, names: &[&str]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: kind.type_url(),
+        resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+fn ack(response: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: response.type_url.clone(),
+        response_nonce: response.nonce.clone(),
+        ..Default::default()
+    }
+}
+
+fn nack(response: &DeltaDiscoveryResponse, message: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        error_detail: Some(rpc::Status { code: 3, message: message.to_owned(), ..Default::default() }),
+        ..ack(response)
+    }
+}
+
+fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+    response.resources.iter().map(|r| r.name.as_str()).collect()
+}
+
+fn decode<M: Message + Default>(resource: &envoy_types::pb::envoy::service::discovery::v3::Resource) -> M {
+    M::decode(resource.resource.as_ref().unwrap().value.as_slice()).unwrap()
+}
+
+fn endpoint_count(assignment: &ClusterLoadAssignment) -> usize {
+    assignment.endpoints.iter().map(|group| group.lb_endpoints.len()).sum()
+}
+
+/// CDS, then EDS for the clusters, then LDS, each ACKed, as Envoy starts.
+async fn start_delta(harness: &Harness) -> DeltaStream {
+    let mut stream =
+        delta(harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
+            .await
+            .unwrap();
+    let clusters = stream.recv().await;
+    assert_eq!(clusters.type_url, Kind::Cluster.type_url());
+    stream.send(ack(&clusters)).await;
+    stream.send(subscribe(Kind::Endpoint, &names(&clusters))).await;
+    let assignments = stream.recv().await;
+    stream.send(ack(&assignments)).await;
+    stream.send(subscribe(Kind::Listener, &["*"])).await;
+    let listeners = stream.recv().await;
+    stream.send(ack(&listeners)).await;
+    stream
+}
+
+#[tokio::test]
+async fn delta_serves_clusters_then_assignments_then_the_listener_and_follows_the_mesh() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let mut stream =
+        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &["*"]) })
+            .await
+            .unwrap();
+    let clusters = stream.recv().await;
+    // The cluster the builder refuses is left out; the others are served.
+    assert!(!names(&clusters).contains(&BROKEN));
+    assert_eq!(names(&clusters), [HELLOWORLD, IDLE]);
+    let cluster: Cluster = decode(&clusters.resources[0]);
+    assert_eq!(cluster.eds_cluster_config.unwrap().service_name, HELLOWORLD);
+    stream.send(ack(&clusters)).await;
+    // No EDS before the gateway subscribes to it; no LDS either.
+    stream.quiet().await;
+
+    // A subscription change in its own request, no nonce: every name answered, the empty one too.
+    stream.send(subscribe(Kind::Endpoint, &[HELLOWORLD, IDLE])).await;
+    let assignments = stream.recv().await;
+    assert_eq!(assignments.type_url, Kind::Endpoint.type_url());
+    assert_eq!(names(&assignments), [HELLOWORLD, IDLE]);
+    let counts: Vec<usize> =
+        assignments.resources.iter().map(|r| endpoint_count(&decode::<ClusterLoadAssignment>(r))).collect();
+    assert_eq!(counts, [1, 0]);
+    stream.send(ack(&assignments)).await;
+
+    stream.send(subscribe(Kind::Listener, &[])).await;
+    let listeners = stream.recv().await;
+    assert_eq!(names(&listeners), ["0.0.0.0_15443"]);
+    let listener: Listener = decode(&listeners.resources[0]);
+    assert_eq!(listener.filter_chains.len(), 2);
+    stream.send(ack(&listeners)).await;
+    stream.quiet().await;
+
+    // An endpoint added: only its assignment is sent.
+    harness.publish(mesh(&["10.0.0.1", "10.0.0.2"], true));
+    let update = stream.recv().await;
+    assert_eq!((update.type_url.as_str(), names(&update)), (Kind::Endpoint.type_url().as_str(), vec![HELLOWORLD]));
+    assert_eq!(endpoint_count(&decode(&update.resources[0])), 2);
+    stream.send(ack(&update)).await;
+    stream.quiet().await;
+
+    // A service removed: the cluster goes, then the listener loses its chain.
+    harness.publish(mesh(&["10.0.0.1", "10.0.0.2"], false));
+    let clusters = stream.recv().await;
+    assert_eq!(
+        (clusters.type_url.as_str(), clusters.removed_resources.clone()),
+        (Kind::Cluster.type_url().as_str(), vec![IDLE.to_owned()])
+    );
+    assert!(clusters.resources.is_empty());
+    let listeners = stream.recv().await;
+    assert_eq!(listeners.type_url, Kind::Listener.type_url());
+    assert_eq!(decode::<Listener>(&listeners.resources[0]).filter_chains.len(), 1);
+    stream.send(ack(&clusters)).await;
+    stream.send(ack(&listeners)).await;
+    // Envoy drops its interest in the assignment of the removed cluster.
+    stream
+        .send(DeltaDiscoveryRequest {
+            resource_names_unsubscribe: vec![IDLE.to_owned()],
+            ..subscribe(Kind::Endpoint, &[])
+        })
+        .await;
+    stream.quiet().await;
+
+    let status = harness.gateway();
+    assert_eq!((status.protocol, status.node.locality.as_str(), status.nacks), ("delta", "r1/z1", 0));
+    assert!(status.last_nack.is_none());
+    assert_eq!(status.acked[&Kind::Cluster.type_url()].keys().collect::<Vec<_>>(), [HELLOWORLD]);
+    assert_eq!(status.acked[&Kind::Listener.type_url()].len(), 1);
+}
+
+#[tokio::test]
+async fn a_nacked_version_is_remembered_and_not_sent_again() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let mut stream =
+        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
+            .await
+            .unwrap();
+    let clusters = stream.recv().await;
+    stream.send(nack(&clusters, "Error adding/updating cluster(s) x: bad")).await;
+    // A new mesh version that changes nothing for this gateway: the refused clusters are not resent.
+    harness.publish(mesh(&["10.0.0.1"], true));
+    stream.quiet().await;
+    let status = harness.gateway();
+    let nack = status.last_nack.expect("the NACK is remembered");
+    assert_eq!(
+        (nack.type_url, nack.nonce, nack.message.as_str()),
+        (Kind::Cluster.type_url(), clusters.nonce.clone(), "Error adding/updating cluster(s) x: bad")
+    );
+    assert_eq!(status.nacks, 1);
+    assert!(status.acked.is_empty(), "nothing was ACKed");
+    // The next change of a refused cluster is sent.
+    harness.publish(mesh(&["10.0.0.1"], false));
+    let next = stream.recv().await;
+    assert_eq!(next.removed_resources, [IDLE]);
+}
+
+#[tokio::test]
+async fn a_reconnecting_gateway_is_sent_only_what_changed_since_its_initial_versions() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let mut stream =
+        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
+            .await
+            .unwrap();
+    let clusters = stream.recv().await;
+    stream.send(ack(&clusters)).await;
+    stream.send(subscribe(Kind::Endpoint, &[HELLOWORLD, IDLE])).await;
+    let assignments = stream.recv().await;
+    stream.send(ack(&assignments)).await;
+    let versions = |response: &DeltaDiscoveryResponse| -> HashMap<String, String> {
+        response.resources.iter().map(|r| (r.name.clone(), r.version.clone())).collect()
+    };
+    let (held_clusters, mut held_assignments) = (versions(&clusters), versions(&assignments));
+    drop(stream);
+
+    // Meanwhile helloworld gained an endpoint; and the gateway says it holds a cluster that is gone.
+    harness.publish(mesh(&["10.0.0.1", "10.0.0.2"], true));
+    let mut initial = held_clusters.clone();
+    initial.insert("outbound_.1_._.gone.sample.svc.cluster.local".to_owned(), "1".to_owned());
+    let first = DeltaDiscoveryRequest {
+        node: Some(node("cluster1")),
+        initial_resource_versions: initial,
+        ..subscribe(Kind::Cluster, &["*"])
+    };
+    let mut stream = delta(&harness, first).await.unwrap();
+    let clusters = stream.recv().await;
+    assert!(clusters.resources.is_empty(), "the clusters it holds are current");
+    assert_eq!(clusters.removed_resources, ["outbound_.1_._.gone.sample.svc.cluster.local"]);
+    stream.send(ack(&clusters)).await;
+    held_assignments.retain(|name, _| name == HELLOWORLD || name == IDLE);
+    stream
+        .send(DeltaDiscoveryRequest {
+            initial_resource_versions: held_assignments,
+            ..subscribe(Kind::Endpoint, &[HELLOWORLD, IDLE])
+        })
+        .await;
+    let assignments = stream.recv().await;
+    assert_eq!(names(&assignments), [HELLOWORLD], "only the changed assignment");
+    stream.send(ack(&assignments)).await;
+    stream.quiet().await;
+}
+
+#[tokio::test]
+async fn a_replaced_cluster_gets_its_assignment_again() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let mut stream = start_delta(&harness).await;
+    stream.quiet().await;
+    // A traffic policy change replaces the cluster, which Envoy warms again: its assignment follows, though
+    // it did not change and Envoy's subscription did not either.
+    let rule = "  - { name: hw, namespace: sample, host: helloworld, trafficPolicy: { connectionPool: { tcp: { connectTimeout: 2s } } } }\n";
+    harness.publish(mesh_with_rules(&["10.0.0.1"], true, rule));
+    let clusters = stream.recv().await;
+    assert_eq!((clusters.type_url.clone(), names(&clusters)), (Kind::Cluster.type_url(), vec![HELLOWORLD]));
+    let assignments = stream.recv().await;
+    assert_eq!((assignments.type_url.clone(), names(&assignments)), (Kind::Endpoint.type_url(), vec![HELLOWORLD]));
+    let listeners = stream.recv().await;
+    assert_eq!(listeners.type_url, Kind::Listener.type_url());
+    for response in [&clusters, &assignments, &listeners] {
+        stream.send(ack(response)).await;
+    }
+    stream.quiet().await;
+}
+
+#[tokio::test]
+async fn state_of_the_world_sends_whole_types_and_removes_by_absence() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let request = |kind: Kind, names: &[&str], answered: Option<&DiscoveryResponse>| DiscoveryRequest {
+        type_url: kind.type_url(),
+        resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
+        response_nonce: answered.map(|r| r.nonce.clone()).unwrap_or_default(),
+        version_info: answered.map(|r| r.version_info.clone()).unwrap_or_default(),
+        ..Default::default()
+    };
+    let first = DiscoveryRequest { node: Some(node("cluster1")), ..request(Kind::Cluster, &[], None) };
+    let mut stream = sotw(&harness, first).await.unwrap();
+    let clusters = stream.recv().await;
+    assert_eq!(clusters.resources.len(), 2);
+    stream.send(request(Kind::Cluster, &[], Some(&clusters))).await;
+    stream.send(request(Kind::Endpoint, &[HELLOWORLD], None)).await;
+    let assignments = stream.recv().await;
+    assert_eq!(assignments.resources.len(), 1);
+    // Envoy names the assignments it wants, with the last nonce it got.
+    stream.send(request(Kind::Endpoint, &[HELLOWORLD, IDLE], Some(&assignments))).await;
+    let more = stream.recv().await;
+    let more: Vec<ClusterLoadAssignment> =
+        more.resources.iter().map(|any| ClusterLoadAssignment::decode(any.value.as_slice()).unwrap()).collect();
+    assert_eq!(more.iter().map(|a| a.cluster_name.as_str()).collect::<Vec<_>>(), [IDLE]);
+
+    harness.publish(mesh(&["10.0.0.1"], false));
+    let clusters = stream.recv().await;
+    let remaining: Vec<String> =
+        clusters.resources.iter().map(|any| Cluster::decode(any.value.as_slice()).unwrap().name).collect();
+    assert_eq!(remaining, [HELLOWORLD]);
+    stream.send(request(Kind::Cluster, &[], Some(&clusters))).await;
+    stream.quiet().await;
+    let status = harness.gateway();
+    assert_eq!((status.protocol, status.nacks), ("state-of-the-world", 0));
+    assert_eq!(status.acked[&Kind::Cluster.type_url()].len(), 1);
+}
+
+#[tokio::test]
+async fn a_stream_without_a_cluster_id_is_refused() {
+    let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
+    let first = DeltaDiscoveryRequest { node: Some(node("")), ..subscribe(Kind::Cluster, &[]) };
+    let refused = delta(&harness, first).await.err().expect("refused");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("CLUSTER_ID"), "{}", refused.message());
+    let first = DiscoveryRequest { type_url: Kind::Cluster.type_url(), ..Default::default() };
+    assert_eq!(sotw(&harness, first).await.err().expect("refused").code(), tonic::Code::InvalidArgument);
+    assert!(harness.server.gateways().is_empty());
+}
+
+#[tokio::test]
+async fn nothing_is_pushed_before_the_mesh_is_primed() {
+    let harness = Harness::start(MeshModel::default()).await;
+    harness.mesh.send_replace(Arc::new(MeshVersion {
+        mesh: MeshModel::default(),
+        version: crate::server::UNPRIMED,
+        changed_at: Instant::now(),
+    }));
+    let mut stream =
+        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
+            .await
+            .unwrap();
+    stream.quiet().await;
+    harness.publish(mesh(&["10.0.0.1"], true));
+    assert_eq!(names(&stream.recv().await), [HELLOWORLD, IDLE]);
+}
