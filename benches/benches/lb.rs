@@ -7,26 +7,32 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use crossgate_proxy::lb::{ClusterLb, EndpointSpec, GatewayIdentity, Health, LbSettings, Outcome, PickContext};
+use crossgate_istio::locality_lb::GatewayIdentity;
+use crossgate_proto::{Cluster, Endpoint};
+use crossgate_proxy::lb::{ClusterLb, Outcome, PickContext};
+use crossgate_proxy::resources::compact_lb;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 /// `n` endpoints spread over 3 regions × 3 zones.
 fn cluster(n: usize, policy: &str) -> ClusterLb {
     let endpoints = (0..n)
-        .map(|i| EndpointSpec {
-            address: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 15443)),
-            locality: format!("r{}/z{}", i % 3, (i / 3) % 3).parse().unwrap(),
-            weight: 1,
-            labels: BTreeMap::new(),
-            health: Health::Healthy,
+        .map(|i| Endpoint {
+            address: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 15443)).to_string(),
+            locality: format!("r{}/z{}", i % 3, (i / 3) % 3),
+            ..Default::default()
         })
         .collect();
-    let traffic =
-        serde_yaml_ng::from_str("outlierDetection: {consecutive5xxErrors: 5, maxEjectionPercent: 100}").unwrap();
-    let settings = LbSettings::from_policy(Some(&traffic)).unwrap().with_policy(policy).unwrap();
+    let cluster = Cluster {
+        name: "outbound_.80_._.bench.default.svc.cluster.local".to_owned(),
+        traffic_policy: Some(
+            serde_yaml_ng::from_str("outlierDetection: {consecutive5xxErrors: 5, maxEjectionPercent: 100}").unwrap(),
+        ),
+        endpoints,
+        ..Default::default()
+    };
     let gateway = GatewayIdentity::new("r0/z0".parse().unwrap(), BTreeMap::new());
-    ClusterLb::new(endpoints, settings, None, &gateway, "bench")
+    compact_lb(&cluster, &gateway, Some(policy), None).unwrap()
 }
 
 fn pick(c: &mut Criterion) {

@@ -108,6 +108,22 @@ pub fn build(
     Ok(SniDnatCluster { cluster, assignment, filter_chain })
 }
 
+/// Everything one gateway is sent: the listener, and each cluster with its assignment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayResources {
+    pub listener: listener::Listener,
+    pub clusters: Vec<cluster::Cluster>,
+    pub assignments: Vec<endpoint::ClusterLoadAssignment>,
+}
+
+impl GatewayResources {
+    pub fn new(built: Vec<SniDnatCluster>) -> Self {
+        let listener = listener(built.iter().map(|c| &c.filter_chain));
+        let (clusters, assignments) = built.into_iter().map(|c| (c.cluster, c.assignment)).unzip();
+        GatewayResources { listener, clusters, assignments }
+    }
+}
+
 /// The `0.0.0.0_15443` listener with these filter chains (istiod sorts them by server name).
 pub fn listener<'a>(chains: impl IntoIterator<Item = &'a listener::FilterChain>) -> listener::Listener {
     let mut filter_chains: Vec<listener::FilterChain> = chains.into_iter().cloned().collect();

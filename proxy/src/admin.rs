@@ -138,9 +138,10 @@ pub fn config_dump(state: &AdminState) -> serde_json::Value {
                             Health::Unhealthy => "UNHEALTHY",
                             Health::Draining => "DRAINING",
                         },
-                        "labels": host.spec.labels,
-                        "cluster_id": info.cluster_id,
-                        "workload_name": info.workload_name,
+                        "cluster_id": info.workload.cluster,
+                        "workload_name": info.workload.name,
+                        "canonical_service": info.workload.canonical_service,
+                        "canonical_revision": info.workload.canonical_revision,
                         "active_connections": host.state.active(),
                     })
                 })

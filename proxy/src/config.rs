@@ -10,7 +10,8 @@ use serde::Serialize;
 
 use crate::balance::ConnectionBalance;
 use crate::forward::CopyMode;
-use crate::lb::{GatewayIdentity, LbConfigError, Locality, NETWORK_LABEL};
+use crossgate_istio::labels::{CLUSTER_LABEL, Locality, NETWORK_LABEL};
+use crossgate_istio::locality_lb::GatewayIdentity;
 
 /// A duration written as Istio and Envoy write them: `15s`, `1h`, `500ms`, `0s`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -52,10 +53,15 @@ pub struct GatewayConfig {
     #[arg(long, env = "CROSSGATE_RESOURCES", conflicts_with = "xds")]
     pub resources: Option<PathBuf>,
 
-    /// The control service's delta discovery stream, `http://host:15010` (or `https://` for TLS). The gateway
-    /// is ready once its first configuration is accepted.
+    /// The control plane's Envoy xDS (delta ADS), `http://host:15010` (or `https://` for TLS). The gateway is
+    /// ready once its first listener is accepted.
     #[arg(long, env = "CROSSGATE_XDS")]
     pub xds: Option<String>,
+
+    /// The port of the pushed listener whose filter chains route (Istio's AUTO_PASSTHROUGH server); its chains
+    /// are served on `--listen`, and other listeners are ignored.
+    #[arg(long, env = "CROSSGATE_XDS_LISTENER_PORT", default_value_t = 15443)]
+    pub xds_listener_port: u16,
 
     /// CA bundle (PEM) that the control service's certificate must chain to; `https://` URLs need it.
     #[arg(long, env = "CROSSGATE_XDS_CA", requires = "xds")]
@@ -290,13 +296,12 @@ impl GatewayConfig {
     /// Who this gateway is, for locality-aware balancing: its locality, and its labels with the network and
     /// cluster added as Istio adds them.
     pub fn gateway_identity(&self) -> Result<GatewayIdentity, ConfigError> {
-        let locality: Locality =
-            self.locality.parse().map_err(|e: LbConfigError| ConfigError::Locality(e.to_string()))?;
+        let locality: Locality = self.locality.parse().map_err(|e| ConfigError::Locality(format!("{e}")))?;
         let mut labels: BTreeMap<String, String> = self.labels.iter().cloned().collect();
         if !self.network.is_empty() {
             labels.insert(NETWORK_LABEL.to_owned(), self.network.clone());
         }
-        labels.insert("topology.istio.io/cluster".to_owned(), self.cluster_id.clone());
+        labels.insert(CLUSTER_LABEL.to_owned(), self.cluster_id.clone());
         let mut identity = GatewayIdentity::new(locality, labels);
         identity.network_failover = self.istio_version.parse().map_err(ConfigError::IstioVersion)?;
         Ok(identity)
@@ -382,6 +387,6 @@ mod tests {
         assert_eq!(identity.labels["topology.istio.io/cluster"], "cluster1");
         assert_eq!(identity.labels["topology.kubernetes.io/zone"], "us-east1-b");
         assert_eq!((identity.labels["a"].as_str(), identity.labels["b"].as_str()), ("1", "2"));
-        assert_eq!(identity.network_failover, crate::lb::NetworkFailover::Istio130);
+        assert_eq!(identity.network_failover, crossgate_istio::locality_lb::NetworkFailover::Istio130);
     }
 }

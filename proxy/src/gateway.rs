@@ -19,7 +19,8 @@ use crate::drain::{self, ConnectionCount, Drain, DrainTiming, Phase};
 use crate::listener::{self, Limits, Passthrough, Routing, Shared};
 use crate::metrics::{ListenerMetrics, Telemetry};
 use crate::route::ClusterDefaults;
-use crossgate_proto::Node;
+use crossgate_istio::gateway::MeshDefaults;
+use crossgate_istio::node::GatewayNode;
 
 /// How long `run` waits, once tunnels are told to close, for their tasks to finish.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
@@ -85,14 +86,14 @@ impl Gateway {
             idle_timeout: config.idle_timeout(),
             max_connection_duration: config.max_connection_duration(),
             keepalive: config.keepalive(),
-            gateway: config.gateway_identity()?,
             lb_policy: config.lb_policy.clone(),
         };
         let source_name = if config.xds.is_some() { "xds" } else { "file" };
-        let store = Arc::new(ConfigStore::new(defaults, Arc::clone(&telemetry), source_name));
+        let store = Arc::new(ConfigStore::new(defaults, config.xds_listener_port, Arc::clone(&telemetry), source_name));
         let source = match (&config.resources, &config.xds) {
             (Some(path), _) => {
-                let mut file = ResourcesFile::new(path, Arc::clone(&store));
+                let mesh = MeshDefaults { connect_timeout: config.connect_timeout.0 };
+                let mut file = ResourcesFile::new(path, Arc::clone(&store), config.gateway_identity()?, mesh);
                 file.reload()?;
                 Source::File(file)
             }
@@ -235,20 +236,20 @@ fn xds_settings(config: &GatewayConfig, url: &str) -> anyhow::Result<XdsSettings
         (None, true) => anyhow::bail!("--xds {url} is https: give --xds-ca with the control service's CA"),
         (None, false) => None,
     };
-    let identity = config.gateway_identity()?;
+    config.gateway_identity()?;
     let node_id = match &config.node_id {
         Some(id) => id.clone(),
         None => std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default(),
     };
     Ok(XdsSettings {
         url: url.to_owned(),
-        node: Node {
+        node: GatewayNode {
             id: node_id,
             cluster_id: config.cluster_id.clone(),
             network: config.network.clone(),
-            locality: config.locality.clone(),
+            locality: config.locality.parse().map_err(|e| ConfigError::Locality(format!("{e}")))?,
             requested_network_view: config.requested_network_view.clone(),
-            labels: identity.labels.into_iter().collect(),
+            labels: config.labels.iter().cloned().collect(),
         },
         tls,
         backoff: Backoff::default(),

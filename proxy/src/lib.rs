@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod lb;
 pub mod listener;
 pub mod metrics;
+pub mod resources;
 pub mod route;
 pub mod simulate;
 pub mod tls;

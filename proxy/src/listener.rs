@@ -20,7 +20,7 @@ use crate::drain::{ConnectionCount, Drain, Phase};
 use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits, TunnelOutcome};
 use crate::lb::Outcome;
 use crate::metrics::{ListenerMetrics, RejectReason};
-use crate::route::{RouteCluster, is_istio_alpn};
+use crate::route::RouteCluster;
 use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};
 
 /// The first read's buffer; most hellos fit, post-quantum ones grow it once.
@@ -234,7 +234,7 @@ impl Upstream<'_> {
     fn counters(&self) -> TunnelCounters<'_> {
         match &self.route {
             UpstreamRoute::Cluster { slot, endpoint, .. } => {
-                let metrics = &slot.0.endpoints[*endpoint].metrics;
+                let metrics = slot.0.endpoint_metrics(*endpoint);
                 TunnelCounters { request: &metrics.received_bytes, response: &metrics.sent_bytes }
             }
             UpstreamRoute::Passthrough(passthrough) => {
@@ -274,7 +274,7 @@ fn upstream_closed(cluster: &RouteCluster, endpoint: usize, outcome: TunnelOutco
         TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
         _ => {}
     }
-    cluster.endpoints[endpoint].metrics.connections_closed.increment(1);
+    cluster.endpoint_metrics(endpoint).connections_closed.increment(1);
 }
 
 /// Reads the ClientHello, routes it, connects upstream and passes the hello on. `None`: nothing to tunnel,
@@ -371,7 +371,7 @@ fn route(hello: &ClientHello<'_>, store: &ConfigStore) -> Result<Arc<RouteCluste
     let sni = hello.server_name().ok_or(RejectReason::NoSni)?;
     let routes = store.routes();
     let cluster = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
-    if !hello.alpn_protocols().any(is_istio_alpn) {
+    if !cluster.accepts_alpn(hello.alpn_protocols()) {
         return Err(RejectReason::AlpnMismatch);
     }
     Ok(Arc::clone(cluster))
@@ -413,15 +413,15 @@ async fn connect_cluster<'s>(
     let connected = forward::connect(cluster, peer, shared.limits.connect_attempts).await.inspect_err(|&reason| {
         cluster.record_refused(reason);
     })?;
-    let endpoint = &cluster.endpoints[connected.endpoint];
-    endpoint.metrics.connections_opened.increment(1);
+    let endpoint = cluster.endpoint_metrics(connected.endpoint);
+    endpoint.connections_opened.increment(1);
     let _active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
     let forward::Connected { mut stream, endpoint: index, address, picked } = connected;
     if stream.write_all(hello_bytes).await.is_err() {
         upstream_closed(cluster, index, TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 });
         return Ok(None);
     }
-    endpoint.metrics.received_bytes.increment(hello_bytes.len() as u64);
+    endpoint.received_bytes.increment(hello_bytes.len() as u64);
     let route = UpstreamRoute::Cluster { slot, endpoint: index, address, _picked: picked, _active };
     Ok(Some(Upstream { stream, route }))
 }

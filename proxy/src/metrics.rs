@@ -2,8 +2,6 @@
 //! incremented on the hot path. Every handle is registered on the gateway's own Prometheus recorder
 //! ([`Telemetry`]), so that several gateways in one process (tests) keep separate figures.
 
-use std::collections::BTreeMap;
-
 use metrics::{Counter, Gauge, Label};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
@@ -198,8 +196,10 @@ pub struct Destination<'a> {
     pub service_namespace: &'a str,
     pub cluster: &'a str,
     pub workload: &'a str,
-    /// The endpoint's labels (app, version, canonical service and revision).
-    pub labels: Option<&'a BTreeMap<String, String>>,
+    /// From Istio's `istio.workload` endpoint metadata; they also stand for the app and version, as Istio's
+    /// stats do for a peer known only by that metadata.
+    pub canonical_service: &'a str,
+    pub canonical_revision: &'a str,
 }
 
 /// Istio's standard TCP metrics for one destination (reporter="source", as a gateway reports). With TLS
@@ -240,19 +240,10 @@ fn istio_labels(destination: &Destination<'_>, response_flags: &'static str) -> 
     fn or_unknown(value: &str) -> String {
         if value.is_empty() { "unknown".to_owned() } else { value.to_owned() }
     }
-    let label = |key: &str| destination.labels.and_then(|labels| labels.get(key)).map(String::as_str).unwrap_or("");
-    let app = label("app");
-    let version = label("version");
-    let canonical_service = match label("service.istio.io/canonical-name") {
-        "" if app.is_empty() => destination.workload,
-        "" => app,
-        name => name,
-    };
-    let canonical_revision = match label("service.istio.io/canonical-revision") {
-        "" if version.is_empty() => "latest",
-        "" => version,
-        revision => revision,
-    };
+    let canonical_service = destination.canonical_service;
+    let canonical_revision =
+        if destination.canonical_revision.is_empty() { "latest" } else { destination.canonical_revision };
+    let (app, version) = (canonical_service, destination.canonical_revision);
     let unknown = || "unknown".to_owned();
     vec![
         Label::new("reporter", "source"),

@@ -2,42 +2,20 @@
 //! gateway, which never terminates TLS.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crossgate_proxy::testing::gateway::TestGateway;
-use crossgate_proxy::testing::pki::{SIDECAR_ALPN, TestCa, WorkloadIdentity};
-use crossgate_proxy::testing::workload::{self, Dribble, EOF_TRAILER, EchoBackend};
+use crossgate_proxy::testing::pki::SIDECAR_ALPN;
+use crossgate_proxy::testing::workload::{self, Dribble, EOF_TRAILER, EchoBackend, Mesh};
 use crossgate_proxy::testing::{eventually, metric, refusing_address};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 const SNI: &str = "outbound_.5000_._.helloworld.sample.svc.cluster.local";
 const WITHIN: Duration = Duration::from_secs(10);
 
-struct Mesh {
-    client: WorkloadIdentity,
-    server: WorkloadIdentity,
-}
-
 fn mesh() -> Mesh {
-    let ca = TestCa::new("cluster.local");
-    Mesh { client: ca.workload("sleep", "sleep"), server: ca.workload("sample", "helloworld") }
-}
-
-impl Mesh {
-    fn client_config(&self) -> Arc<rustls::ClientConfig> {
-        self.client.client_config(&self.server.spiffe, &SIDECAR_ALPN)
-    }
-
-    /// A sidecar's tunnel through the gateway at `gateway` to cluster `SNI`, past the backend's greeting: the
-    /// stream, and the name of the backend that answered.
-    async fn tunnel(&self, gateway: SocketAddr) -> (TlsStream<TcpStream>, String) {
-        let mut tls = workload::connect(gateway, SNI, self.client_config()).await.unwrap();
-        let (backend, _) = workload::read_greeting(&mut tls).await.unwrap();
-        (tls, backend)
-    }
+    Mesh::new(SNI)
 }
 
 /// Resources with one cluster `SNI` over `endpoints`; `extra` is more YAML for the cluster.

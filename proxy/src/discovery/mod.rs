@@ -1,42 +1,75 @@
-//! Where the gateway's configuration comes from, and the one place it is applied: every source hands whole
-//! [`Resources`] to [`ConfigStore::apply`], which validates and builds a new route snapshot off the hot path
-//! and swaps it in with one atomic store, or refuses it and keeps serving the last good one.
+//! Where the gateway's configuration comes from, and the one place it is applied: Envoy's resources, from the
+//! xDS client or from the static resources file (built into Envoy's form as istiod would), go through
+//! [`ConfigStore`], which reads and validates each resource as Envoy does, keeps the last good version of any
+//! it refuses, rebuilds only the clusters that changed off the hot path, and swaps the new route snapshot in with
+//! one atomic store.
 
 pub mod file;
 pub mod xds;
 
-use std::sync::Arc;
-use std::sync::Mutex;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::{ArcSwap, Guard};
-use crossgate_proto::Resources;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use tokio::sync::watch;
 
 use crate::metrics::{ConfigMetrics, Telemetry};
-use crate::route::{ClusterDefaults, InvalidResources, RouteTable};
+use crate::resources::{self, EnvoyState};
+use crate::route::{ClusterDefaults, RouteTable};
+
+/// A resource refused by name, and why: what a NACK carries. Its last good version stays in force.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{name}: {reason}")]
+pub struct Rejected {
+    pub name: String,
+    pub reason: String,
+}
+
+/// Changes of one resource type, as one response carries them.
+#[derive(Debug, Clone)]
+pub struct Update<T> {
+    /// Added or changed resources, by name.
+    pub resources: Vec<(String, T)>,
+    pub removed: Vec<String>,
+    /// State of the world: every resource of the type not in `resources` is gone.
+    pub complete: bool,
+}
+
+impl<T> Default for Update<T> {
+    fn default() -> Self {
+        Update { resources: Vec::new(), removed: Vec::new(), complete: false }
+    }
+}
 
 /// The current route snapshot, and how updates reach it.
 #[derive(Debug)]
 pub struct ConfigStore {
     routes: ArcSwap<RouteTable>,
     defaults: ClusterDefaults,
+    /// The port of the listener whose filter chains route (Istio's AUTO_PASSTHROUGH port, 15443).
+    listener_port: u16,
     telemetry: Arc<Telemetry>,
     metrics: ConfigMetrics,
-    /// Serialises builds, so that each starts from the snapshot it replaces.
-    build: Mutex<()>,
-    /// How many configurations have been accepted: 0 until the first.
+    /// The accepted configuration; also serialises updates, so that each starts from the state it replaces.
+    state: Mutex<EnvoyState>,
+    /// How many times a listener has been accepted: 0 until the first (the gateway is not ready before).
     accepted: watch::Sender<u64>,
 }
 
 impl ConfigStore {
-    pub fn new(defaults: ClusterDefaults, telemetry: Arc<Telemetry>, source: &'static str) -> Self {
+    pub fn new(defaults: ClusterDefaults, listener_port: u16, telemetry: Arc<Telemetry>, source: &'static str) -> Self {
         let metrics = telemetry.register(|| ConfigMetrics::new(source));
         ConfigStore {
             routes: ArcSwap::default(),
             defaults,
+            listener_port,
             telemetry,
             metrics,
-            build: Mutex::new(()),
+            state: Mutex::default(),
             accepted: watch::Sender::new(0),
         }
     }
@@ -46,28 +79,167 @@ impl ConfigStore {
         self.routes.load()
     }
 
-    /// Validates `resources` and, if all is well, makes them the configuration.
-    pub fn apply(&self, resources: &Resources) -> Result<(), InvalidResources> {
-        let _build = self.build.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    /// Applies listeners: the one on the routing port supplies the filter chains, the others are ignored.
+    pub fn apply_listeners(&self, update: Update<Listener>) -> Vec<Rejected> {
+        let mut rejected = Vec::new();
+        let mut chains = None;
+        let mut ours_removed = false;
+        for (name, listener) in &update.resources {
+            if listener_port(listener) != Some(self.listener_port) {
+                continue;
+            }
+            match resources::read_listener(listener) {
+                Ok(read) => chains = Some(Arc::new(read)),
+                Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
+            }
+        }
+        let ours_sent = chains.is_some() || !rejected.is_empty();
+        if update.complete && !ours_sent {
+            ours_removed = true;
+        }
+        let mut state = self.lock();
+        if ours_removed {
+            state.chains = Arc::default();
+        }
+        if let Some(chains) = chains {
+            state.chains = chains;
+        }
+        self.publish(&state, &HashSet::new(), &rejected, true);
+        rejected
+    }
+
+    /// Applies clusters one by one: the valid ones take effect, the invalid ones are refused by name and keep
+    /// their last good version.
+    pub fn apply_clusters(&self, update: Update<Cluster>) -> Vec<Rejected> {
+        let mut rejected = Vec::new();
+        let mut state = self.lock();
+        let mut changed = HashSet::new();
+        let mut present = HashSet::new();
+        for (name, cluster) in &update.resources {
+            present.insert(name.as_str());
+            match resources::read_cluster(cluster) {
+                Ok(Some(spec)) => {
+                    state.clusters.insert(name.clone(), Arc::new(spec));
+                    changed.insert(name.clone());
+                }
+                // Not a cluster the gateway routes to: if it replaces one that was, that one is gone.
+                Ok(None) => {
+                    if state.clusters.remove(name).is_some() {
+                        changed.insert(name.clone());
+                    }
+                }
+                Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
+            }
+        }
+        let gone: Vec<String> = if update.complete {
+            state.clusters.keys().filter(|name| !present.contains(name.as_str())).cloned().collect()
+        } else {
+            update.removed.clone()
+        };
+        for name in gone {
+            if state.clusters.remove(&name).is_some() {
+                state.assignments.remove(&name);
+                changed.insert(name);
+            }
+        }
+        self.publish(&state, &changed, &rejected, false);
+        rejected
+    }
+
+    /// Applies assignments one by one, as Envoy's EDS does.
+    pub fn apply_assignments(&self, update: Update<ClusterLoadAssignment>) -> Vec<Rejected> {
+        let mut rejected = Vec::new();
+        let mut state = self.lock();
+        let mut changed = HashSet::new();
+        for (name, assignment) in &update.resources {
+            match resources::read_assignment(assignment) {
+                Ok(spec) => {
+                    state.assignments.insert(name.clone(), Arc::new(spec));
+                    changed.insert(name.clone());
+                }
+                Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
+            }
+        }
+        for name in &update.removed {
+            if state.assignments.remove(name).is_some() {
+                changed.insert(name.clone());
+            }
+        }
+        self.publish(&state, &changed, &rejected, false);
+        rejected
+    }
+
+    /// Replaces the whole configuration, or nothing if any resource is refused (a static file is one unit); the
+    /// caller counts the refusal.
+    pub fn replace(
+        &self,
+        listener: Listener,
+        clusters: Vec<Cluster>,
+        assignments: Vec<ClusterLoadAssignment>,
+    ) -> Result<(), Vec<Rejected>> {
+        let mut next = EnvoyState::default();
+        let mut rejected = Vec::new();
+        match resources::read_listener(&listener) {
+            Ok(chains) => next.chains = Arc::new(chains),
+            Err(e) => rejected.push(Rejected { name: listener.name.clone(), reason: e.to_string() }),
+        }
+        for cluster in &clusters {
+            match resources::read_cluster(cluster) {
+                Ok(Some(spec)) => {
+                    next.clusters.insert(cluster.name.clone(), Arc::new(spec));
+                }
+                Ok(None) => {}
+                Err(e) => rejected.push(Rejected { name: cluster.name.clone(), reason: e.to_string() }),
+            }
+        }
+        for assignment in &assignments {
+            match resources::read_assignment(assignment) {
+                Ok(spec) => {
+                    next.assignments.insert(assignment.cluster_name.clone(), Arc::new(spec));
+                }
+                Err(e) => rejected.push(Rejected { name: assignment.cluster_name.clone(), reason: e.to_string() }),
+            }
+        }
+        if !rejected.is_empty() {
+            return Err(rejected);
+        }
+        let mut state = self.lock();
+        let changed: HashSet<String> = next.clusters.keys().cloned().collect();
+        *state = next;
+        self.publish(&state, &changed, &[], true);
+        Ok(())
+    }
+
+    /// Counts a configuration refused before it reached the store (a file that does not read or parse).
+    pub fn record_rejected(&self) {
+        self.metrics.rejected.increment(1);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, EnvoyState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Builds and swaps in the snapshot of `state`, rebuilding the clusters in `changed`.
+    fn publish(&self, state: &EnvoyState, changed: &HashSet<String>, rejected: &[Rejected], listener: bool) {
         let previous = self.routes.load_full();
-        let built = self.telemetry.register(|| RouteTable::build(resources, &self.defaults, &previous));
-        match built {
-            Ok(table) => {
-                self.metrics.clusters.set(table.len() as f64);
-                self.metrics.endpoints.set(table.endpoint_count() as f64);
-                self.routes.store(Arc::new(table));
-                self.metrics.accepted.increment(1);
-                self.accepted.send_modify(|accepted| *accepted += 1);
-                Ok(())
-            }
-            Err(invalid) => {
-                self.metrics.rejected.increment(1);
-                Err(invalid)
-            }
+        let table = RouteTable::rebuild(&previous, state, changed, &self.defaults, &self.telemetry);
+        self.metrics.clusters.set(state.clusters.len() as f64);
+        self.metrics.endpoints.set(table.endpoint_count() as f64);
+        self.routes.store(Arc::new(table));
+        if rejected.is_empty() {
+            self.metrics.accepted.increment(1);
+        } else {
+            self.metrics.rejected.increment(1);
+        }
+        if listener && (rejected.is_empty() || self.is_loaded()) {
+            self.accepted.send_modify(|accepted| *accepted += 1);
+        } else if !changed.is_empty() {
+            // Later changes wake the outlier sweep too.
+            self.accepted.send_modify(|_| {});
         }
     }
 
-    /// True once a configuration has been accepted.
+    /// True once a listener has been accepted: the gateway has something to serve.
     pub fn is_loaded(&self) -> bool {
         *self.accepted.borrow() > 0
     }
@@ -76,8 +248,19 @@ impl ConfigStore {
         let _ = self.accepted.subscribe().wait_for(|accepted| *accepted > 0).await;
     }
 
-    /// Marked changed whenever a configuration is accepted.
+    /// Marked changed whenever a configuration is applied.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.accepted.subscribe()
+    }
+}
+
+/// The port a listener binds, if it is a socket address.
+fn listener_port(listener: &Listener) -> Option<u16> {
+    match listener.address.as_ref()?.address.as_ref()? {
+        address::Address::SocketAddress(socket) => match socket.port_specifier {
+            Some(socket_address::PortSpecifier::PortValue(port)) => u16::try_from(port).ok(),
+            _ => None,
+        },
+        _ => None,
     }
 }

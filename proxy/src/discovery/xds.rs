@@ -1,23 +1,35 @@
-//! The client of crossgate-control's delta discovery stream. It subscribes to every cluster, applies each
-//! response as a whole through the [`ConfigStore`] and ACKs it, or NACKs it with the reason and keeps serving
-//! what it had. Through control-plane outages it keeps its last good configuration, reconnects with capped
-//! exponential backoff and jitter, and on reconnect tells the server the versions it holds, so that only
-//! what changed is sent again.
+//! The gateway's xDS client: Envoy's delta Aggregated Discovery Service, as Envoy subscribes to it (wildcard
+//! LDS and CDS, EDS by the names of the EDS clusters), against crossgate-control or istiod. Each response is
+//! decoded whole (one that does not decode is NACKed and nothing of it applied); its resources are applied one
+//! by one through the [`ConfigStore`], and the refused ones are NACKed by name with the reason while the others
+//! take effect. Through control-plane outages the gateway keeps its configuration, reconnects with capped
+//! exponential backoff and jitter, and tells the server the versions it holds, so that only what changed is
+//! sent again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crossgate_proto::gateway_discovery_client::GatewayDiscoveryClient;
-use crossgate_proto::{Cluster, DeltaDiscoveryRequest, DeltaDiscoveryResponse, ErrorDetail, Node, Resources};
+use crossgate_istio::node::GatewayNode;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::google::rpc::Status;
 use metrics::{Counter, Gauge};
+use prost::{Message, Name};
 use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
-use super::ConfigStore;
+use super::{ConfigStore, Rejected, Update};
 use crate::drain::{Drain, Phase};
+
+/// No response size a real mesh can reach is refused (a 100,000-endpoint push is tens of MB).
+pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
 
 /// google.rpc.Code INVALID_ARGUMENT, what a NACK carries.
 const INVALID_ARGUMENT: i32 = 3;
@@ -27,7 +39,7 @@ const INVALID_ARGUMENT: i32 = 3;
 pub struct XdsSettings {
     /// `http://host:port`, or `https://host:port` for TLS.
     pub url: String,
-    pub node: Node,
+    pub node: GatewayNode,
     pub tls: Option<XdsTls>,
     pub backoff: Backoff,
 }
@@ -90,14 +102,38 @@ impl XdsMetrics {
     }
 }
 
+/// The three resource types a passthrough gateway subscribes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Cluster,
+    Assignment,
+    Listener,
+}
+
+impl Kind {
+    fn type_url(self) -> String {
+        match self {
+            Kind::Cluster => Cluster::type_url(),
+            Kind::Assignment => ClusterLoadAssignment::type_url(),
+            Kind::Listener => Listener::type_url(),
+        }
+    }
+
+    fn of(type_url: &str) -> Option<Kind> {
+        [Kind::Cluster, Kind::Assignment, Kind::Listener].into_iter().find(|k| k.type_url() == type_url)
+    }
+}
+
 /// The discovery client of one gateway.
 pub struct XdsClient {
     endpoint: Endpoint,
     settings: XdsSettings,
     store: Arc<ConfigStore>,
     metrics: XdsMetrics,
-    /// The clusters of the configuration in force, with their versions.
-    known: BTreeMap<String, (String, Cluster)>,
+    /// Per type, the versions of the resources in force (what a reconnect reports).
+    versions: BTreeMap<Kind, HashMap<String, String>>,
+    /// The assignments subscribed to: the EDS clusters' service names.
+    eds_names: BTreeSet<String>,
 }
 
 impl std::fmt::Debug for XdsClient {
@@ -125,10 +161,17 @@ impl XdsClient {
             }
             endpoint = endpoint.tls_config(config).map_err(|e| XdsError::Tls(e.to_string()))?;
         }
-        Ok(XdsClient { endpoint, settings, store, metrics: XdsMetrics::new(), known: BTreeMap::new() })
+        Ok(XdsClient {
+            endpoint,
+            settings,
+            store,
+            metrics: XdsMetrics::new(),
+            versions: BTreeMap::new(),
+            eds_names: BTreeSet::new(),
+        })
     }
 
-    /// Follows the control service until the gateway terminates.
+    /// Follows the control plane until the gateway terminates.
     pub async fn run(mut self, drain: Drain) {
         let terminated = drain.reached(Phase::Terminated);
         tokio::pin!(terminated);
@@ -139,7 +182,7 @@ impl XdsClient {
                 () = &mut terminated => return,
                 error = session => {
                     self.metrics.connected.set(0.0);
-                    tracing::warn!(url = %self.settings.url, %error, "control service stream ended; keeping the last configuration");
+                    tracing::warn!(url = %self.settings.url, %error, "control plane stream ended; keeping the last configuration");
                 }
             }
             let wait = self.settings.backoff.wait(failures, &mut rand::rng());
@@ -151,89 +194,197 @@ impl XdsClient {
         }
     }
 
+    /// The first request of a type on a (re)connected stream: its subscription and the versions held.
+    fn subscribe(&self, kind: Kind, node: Option<&GatewayNode>) -> DeltaDiscoveryRequest {
+        let names = match kind {
+            // Wildcard, written explicitly.
+            Kind::Cluster | Kind::Listener => vec!["*".to_owned()],
+            Kind::Assignment => self.eds_names.iter().cloned().collect(),
+        };
+        DeltaDiscoveryRequest {
+            node: node.map(GatewayNode::to_envoy),
+            type_url: kind.type_url(),
+            resource_names_subscribe: names,
+            initial_resource_versions: self.versions.get(&kind).cloned().unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
     /// One stream, from connect to its end; returns why it ended. `failures` is reset by any response.
     async fn session(&mut self, failures: &mut u32) -> tonic::Status {
         let channel = match self.endpoint.connect().await {
             Ok(channel) => channel,
             Err(error) => return tonic::Status::unavailable(format!("connect: {error}")),
         };
-        let (requests, outbound) = mpsc::channel(4);
-        let first = DeltaDiscoveryRequest {
-            node: Some(self.settings.node.clone()),
-            resource_names_subscribe: vec!["*".to_owned()],
-            initial_resource_versions: self
-                .known
-                .iter()
-                .map(|(name, (version, _))| (name.clone(), version.clone()))
-                .collect(),
-            ..Default::default()
+        let (requests, outbound) = mpsc::channel(16);
+        // Envoy's order: clusters, then their assignments, then listeners; the node goes in the first request.
+        let mut first = vec![self.subscribe(Kind::Cluster, Some(&self.settings.node))];
+        if !self.eds_names.is_empty() {
+            first.push(self.subscribe(Kind::Assignment, None));
+        }
+        first.push(self.subscribe(Kind::Listener, None));
+        for request in first {
+            // The channel has room: 16 slots, at most 3 requests.
+            let _ = requests.try_send(request);
+        }
+        let mut client = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let mut responses = match client.delta_aggregated_resources(ReceiverStream::new(outbound)).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return status,
         };
-        // The channel has room: the receiver is not polled yet, but capacity is 4.
-        let _ = requests.try_send(first);
-        let mut responses =
-            match GatewayDiscoveryClient::new(channel).delta_clusters(ReceiverStream::new(outbound)).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => return status,
-            };
         self.metrics.connects.increment(1);
         self.metrics.connected.set(1.0);
-        tracing::info!(url = %self.settings.url, "connected to the control service");
+        tracing::info!(url = %self.settings.url, "connected to the control plane");
         loop {
             let response = match responses.message().await {
                 Ok(Some(response)) => response,
-                Ok(None) => return tonic::Status::unavailable("the control service closed the stream"),
+                Ok(None) => return tonic::Status::unavailable("the control plane closed the stream"),
                 Err(status) => return status,
             };
             *failures = 0;
-            let reply = self.apply(response);
-            if requests.send(reply).await.is_err() {
-                return tonic::Status::unavailable("request stream closed");
+            for request in self.apply(response) {
+                if requests.send(request).await.is_err() {
+                    return tonic::Status::unavailable("request stream closed");
+                }
             }
         }
     }
 
-    /// Applies one response as a whole and returns its ACK or NACK.
-    fn apply(&mut self, response: DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
-        let mut next = self.known.clone();
-        let mut missing = Vec::new();
-        for resource in response.resources {
-            match resource.cluster {
-                Some(cluster) if cluster.name == resource.name => {
-                    next.insert(resource.name, (resource.version, cluster));
-                }
-                _ => missing.push(resource.name),
+    /// Applies one response; returns its ACK or NACK, then any subscription change it causes.
+    fn apply(&mut self, response: DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryRequest> {
+        let Some(kind) = Kind::of(&response.type_url) else {
+            // A type this gateway never asked for: ACK it, use nothing.
+            return vec![ack(&response.type_url, response.nonce, None)];
+        };
+        let outcome = match kind {
+            Kind::Cluster => decode::<Cluster>(&response.resources).map(|update| {
+                let eds: BTreeSet<String> = update.iter().filter_map(|(_, c)| eds_service_name(c)).collect();
+                let rejected = self.store.apply_clusters(self.update(&response, update));
+                (rejected, Some(eds))
+            }),
+            Kind::Assignment => decode::<ClusterLoadAssignment>(&response.resources)
+                .map(|update| (self.store.apply_assignments(self.update(&response, update)), None)),
+            Kind::Listener => decode::<Listener>(&response.resources)
+                .map(|update| (self.store.apply_listeners(self.update(&response, update)), None)),
+        };
+        let (rejected, eds) = match outcome {
+            Ok(applied) => applied,
+            Err(message) => {
+                self.metrics.nacks.increment(1);
+                tracing::error!(type_url = %response.type_url, %message, "response refused whole; nothing of it applied");
+                return vec![ack(&response.type_url, response.nonce, Some(message))];
+            }
+        };
+        let versions = self.versions.entry(kind).or_default();
+        for resource in &response.resources {
+            if !rejected.iter().any(|r| r.name == resource.name) {
+                versions.insert(resource.name.clone(), resource.version.clone());
             }
         }
         for name in &response.removed_resources {
-            next.remove(name);
+            versions.remove(name);
         }
-        let outcome = if missing.is_empty() {
-            let resources = Resources { clusters: next.values().map(|(_, cluster)| cluster.clone()).collect() };
-            self.store.apply(&resources).map_err(|invalid| (invalid.to_string(), invalid.rejected_clusters()))
+        let mut requests = Vec::with_capacity(2);
+        if rejected.is_empty() {
+            self.metrics.acks.increment(1);
+            tracing::info!(
+                type_url = %response.type_url,
+                version = %response.system_version_info,
+                resources = response.resources.len(),
+                removed = response.removed_resources.len(),
+                "applied"
+            );
+            requests.push(ack(&response.type_url, response.nonce.clone(), None));
         } else {
-            Err(("resources without a cluster of the same name".to_owned(), missing))
-        };
-        match outcome {
-            Ok(()) => {
-                self.metrics.acks.increment(1);
-                tracing::info!(
-                    version = %response.system_version_info,
-                    clusters = next.len(),
-                    "configuration from the control service accepted"
-                );
-                self.known = next;
-                DeltaDiscoveryRequest { response_nonce: response.nonce, ..Default::default() }
-            }
-            Err((message, rejected_names)) => {
-                self.metrics.nacks.increment(1);
-                tracing::error!(version = %response.system_version_info, %message, "configuration refused; keeping the previous one");
-                DeltaDiscoveryRequest {
-                    response_nonce: response.nonce,
-                    error_detail: Some(ErrorDetail { code: INVALID_ARGUMENT, message, rejected_names }),
-                    ..Default::default()
-                }
+            self.metrics.nacks.increment(1);
+            let message = rejected.iter().map(Rejected::to_string).collect::<Vec<_>>().join("; ");
+            tracing::error!(type_url = %response.type_url, %message, "resources refused; they keep their last good version");
+            requests.push(ack(
+                &response.type_url,
+                response.nonce.clone(),
+                Some(format!("Error adding/updating {message}")),
+            ));
+        }
+        if let Some(eds) = eds {
+            requests.extend(self.follow_clusters(&response, eds));
+        }
+        requests
+    }
+
+    fn update<T>(&self, response: &DeltaDiscoveryResponse, resources: Vec<(String, T)>) -> Update<T> {
+        Update { resources, removed: response.removed_resources.clone(), complete: false }
+    }
+
+    /// Subscribes to the assignments of new EDS clusters, and unsubscribes from those of clusters gone.
+    fn follow_clusters(
+        &mut self,
+        response: &DeltaDiscoveryResponse,
+        eds: BTreeSet<String>,
+    ) -> Option<DeltaDiscoveryRequest> {
+        let mut unsubscribe: Vec<String> =
+            response.removed_resources.iter().filter(|n| self.eds_names.remove(*n)).cloned().collect();
+        // A cluster that stopped being EDS no longer has an assignment either.
+        for resource in &response.resources {
+            if !eds.contains(&resource.name) && self.eds_names.remove(&resource.name) {
+                unsubscribe.push(resource.name.clone());
             }
         }
+        let subscribe: Vec<String> = eds.into_iter().filter(|name| self.eds_names.insert(name.clone())).collect();
+        if subscribe.is_empty() && unsubscribe.is_empty() {
+            return None;
+        }
+        let assignments = self.versions.entry(Kind::Assignment).or_default();
+        for name in &unsubscribe {
+            assignments.remove(name);
+        }
+        Some(DeltaDiscoveryRequest {
+            type_url: Kind::Assignment.type_url(),
+            resource_names_subscribe: subscribe,
+            resource_names_unsubscribe: unsubscribe,
+            ..Default::default()
+        })
+    }
+}
+
+/// The assignment name an EDS cluster subscribes to: its `service_name`, else its own name.
+fn eds_service_name(cluster: &Cluster) -> Option<String> {
+    let eds =
+        matches!(cluster.cluster_discovery_type, Some(ClusterDiscoveryType::Type(t)) if t == DiscoveryType::Eds as i32);
+    eds.then(|| {
+        cluster
+            .eds_cluster_config
+            .as_ref()
+            .map(|c| c.service_name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| cluster.name.clone())
+    })
+}
+
+/// Decodes every resource of a response, or says why the response is refused whole.
+fn decode<T: Message + Name + Default>(resources: &[Resource]) -> Result<Vec<(String, T)>, String> {
+    resources
+        .iter()
+        .map(|resource| {
+            let any = resource.resource.as_ref().ok_or_else(|| format!("{}: no resource", resource.name))?;
+            if any.type_url != T::type_url() {
+                return Err(format!("{}: a {} where a {} was expected", resource.name, any.type_url, T::type_url()));
+            }
+            let value =
+                T::decode(any.value.as_slice()).map_err(|e| format!("{}: does not decode: {e}", resource.name))?;
+            Ok((resource.name.clone(), value))
+        })
+        .collect()
+}
+
+/// An ACK, or with `error` a NACK, of one response.
+fn ack(type_url: &str, nonce: String, error: Option<String>) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.to_owned(),
+        response_nonce: nonce,
+        error_detail: error.map(|message| Status { code: INVALID_ARGUMENT, message, details: Vec::new() }),
+        ..Default::default()
     }
 }
 

@@ -1,7 +1,8 @@
 //! Envoy's priority and locality load arithmetic (`LoadBalancerBase::recalculatePerPriorityState`,
 //! `recalculatePerPriorityPanic`, `HostSetImpl::effectiveLocalityWeight`), in Envoy's integer percentages.
 //!
-//! With the overprovisioning factor `F = 140%` (Istio never changes it):
+//! With the overprovisioning factor `F` (the assignment's `policy.overprovisioning_factor`, by default 140%; Istio
+//! never sets it):
 //!
 //! ```text
 //! health(P)          = min(100, F · healthy(P) / total(P))          integer percent, host counts (not weights)
@@ -20,7 +21,7 @@
 //! `weight · min(1, F · available / total)`, then a host within it.
 
 /// Envoy's default overprovisioning factor, in percent.
-pub const OVERPROVISIONING_FACTOR: u64 = 140;
+pub const DEFAULT_OVERPROVISIONING_FACTOR: u32 = 140;
 
 /// Host counts of one priority, or of one locality.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -31,12 +32,12 @@ pub struct Availability {
 }
 
 impl Availability {
-    /// `min(100, F · healthy / total)`.
-    pub fn health(self) -> u32 {
+    /// `min(100, F · healthy / total)`, `factor` = F in percent.
+    pub fn health(self, factor: u32) -> u32 {
         if self.total == 0 {
             return 0;
         }
-        (OVERPROVISIONING_FACTOR * self.healthy / self.total).min(100) as u32
+        (u64::from(factor) * self.healthy / self.total).min(100) as u32
     }
 
     fn in_panic(self, threshold: u32) -> bool {
@@ -56,8 +57,8 @@ pub struct PriorityLoad {
 }
 
 /// Splits traffic across priorities from their availability (see the module docs).
-pub fn priority_load(priorities: &[Availability], panic_threshold: u32) -> PriorityLoad {
-    let health: Vec<u32> = priorities.iter().map(|p| p.health()).collect();
+pub fn priority_load(priorities: &[Availability], panic_threshold: u32, factor: u32) -> PriorityLoad {
+    let health: Vec<u32> = priorities.iter().map(|p| p.health(factor)).collect();
     let normalized_total = health.iter().sum::<u32>().min(100);
     let mut load = vec![0; priorities.len()];
     let mut panic = vec![false; priorities.len()];
@@ -100,18 +101,20 @@ fn load_in_total_panic(priorities: &[Availability]) -> Vec<u32> {
 pub const LOCALITY_SCALE: u64 = 1_000_000;
 
 /// A locality's effective weight: `weight · min(1, F · available / total)`, times [`LOCALITY_SCALE`].
-pub fn locality_weight(weight: u64, locality: Availability) -> u64 {
+pub fn locality_weight(weight: u64, locality: Availability, factor: u32) -> u64 {
     if locality.total == 0 {
         return 0;
     }
     let availability =
-        (LOCALITY_SCALE * OVERPROVISIONING_FACTOR / 100 * locality.healthy / locality.total).min(LOCALITY_SCALE);
+        (LOCALITY_SCALE * u64::from(factor) / 100 * locality.healthy / locality.total).min(LOCALITY_SCALE);
     weight * availability
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const F: u32 = DEFAULT_OVERPROVISIONING_FACTOR;
 
     fn a(healthy: u64, total: u64) -> Availability {
         Availability { healthy, total }
@@ -123,7 +126,7 @@ mod tests {
         let table =
             [(10, 10, 100), (8, 10, 100), (5, 7, 100), (7, 10, 98), (5, 10, 70), (1, 10, 14), (0, 10, 0), (0, 0, 0)];
         for (healthy, total, health) in table {
-            assert_eq!(a(healthy, total).health(), health, "{healthy}/{total}");
+            assert_eq!(a(healthy, total).health(F), health, "{healthy}/{total}");
         }
     }
 
@@ -160,7 +163,7 @@ mod tests {
             (&[a(2, 10), a(5, 10)], 50, &[29, 71], &[true, false]),
         ];
         for (priorities, threshold, load, panic) in table {
-            let got = priority_load(priorities, *threshold);
+            let got = priority_load(priorities, *threshold, F);
             assert_eq!(got.load, *load, "{priorities:?} at {threshold}");
             assert_eq!(got.panic, *panic, "{priorities:?} at {threshold}");
         }
@@ -168,9 +171,9 @@ mod tests {
 
     #[test]
     fn locality_weight_is_overprovisioned() {
-        assert_eq!(locality_weight(3, a(10, 10)), 3 * LOCALITY_SCALE);
-        assert_eq!(locality_weight(3, a(5, 10)), 3 * 700_000);
-        assert_eq!(locality_weight(3, a(0, 10)), 0);
-        assert_eq!(locality_weight(1, a(3, 4)), LOCALITY_SCALE);
+        assert_eq!(locality_weight(3, a(10, 10), F), 3 * LOCALITY_SCALE);
+        assert_eq!(locality_weight(3, a(5, 10), F), 3 * 700_000);
+        assert_eq!(locality_weight(3, a(0, 10), F), 0);
+        assert_eq!(locality_weight(1, a(3, 4), F), LOCALITY_SCALE);
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! A pick goes priority → locality → host:
 //!
-//! 1. [`priority`]: Istio's rules put each endpoint in a priority (default failover, `failover`, `failoverPriority`)
-//!    or weight its locality (`distribute`), from the gateway's own locality and labels ([`GatewayIdentity`]).
-//! 2. [`load`]: Envoy's arithmetic turns the priorities' health into traffic shares (overprovisioning factor 1.4,
+//! 1. [`topology`]: the priorities and locality weights the assignment (EDS) gives, computed for this gateway by
+//!    its control plane (Istio's rules: `crossgate_istio::locality_lb`).
+//! 2. [`load`]: Envoy's arithmetic turns the priorities' health into traffic shares (overprovisioning factor,
 //!    panic threshold) and, with locality-weighted lb, localities into weights.
 //! 3. [`policy`]: the algorithm (LEAST_REQUEST, ROUND_ROBIN, RANDOM, RING_HASH, MAGLEV, or a new one) picks a host.
 //! 4. [`outlier`]: connection outcomes reported back eject hosts; an ejected host counts as unhealthy in step 2.
@@ -22,8 +22,8 @@ mod endpoint;
 pub mod load;
 pub mod outlier;
 pub mod policy;
-pub mod priority;
 mod settings;
+pub mod topology;
 mod view;
 
 use std::collections::HashMap;
@@ -36,14 +36,11 @@ use std::time::{Duration, Instant};
 use arc_swap::{ArcSwap, Guard};
 use rand::Rng;
 
-pub use endpoint::{
-    EndpointSpec, GatewayIdentity, Health, Host, HostState, Locality, NETWORK_LABEL, NetworkFailover, REGION_LABEL,
-    SUBZONE_LABEL, ZONE_LABEL,
-};
+pub use endpoint::{EndpointSpec, Health, Host, HostState, Locality};
 pub use outlier::{Outcome, OutlierSettings};
 pub use policy::{PolicyParams, PolicyRef};
-pub use priority::Topology;
-pub use settings::{Distribute, Failover, LbConfigError, LbSettings, LocalitySettings};
+pub use settings::{LbConfigError, LbSettings};
+pub use topology::{Group, Topology};
 
 use policy::{Draw, hash_ip};
 use view::View;
@@ -118,27 +115,24 @@ const RETRY_DRAWS: usize = 4;
 const CONTENDED_SWEEP_RETRY: Duration = Duration::from_millis(10);
 
 impl ClusterLb {
-    /// Builds the lb of cluster `cluster` (the metrics label) for `endpoints` as seen from `gateway`, keeping the
-    /// per-host state of hosts that `previous` already had. Endpoint labels get the locality labels added.
+    /// Builds the lb of cluster `cluster` (the metrics label) for `endpoints` arranged as `topology` says (indices
+    /// into `endpoints`), keeping the per-host state of hosts that `previous` already had.
     pub fn new(
         endpoints: Vec<EndpointSpec>,
+        topology: Topology,
         settings: LbSettings,
         previous: Option<&ClusterLb>,
-        gateway: &GatewayIdentity,
         cluster: &str,
     ) -> Self {
         let previous_state: HashMap<SocketAddr, &Arc<HostState>> =
             previous.map(|lb| lb.hosts.iter().map(|h| (h.spec.address, &h.state)).collect()).unwrap_or_default();
         let hosts: Vec<Host> = endpoints
             .into_iter()
-            .map(|mut spec| {
-                spec.locality.augment(&mut spec.labels);
+            .map(|spec| {
                 let state = previous_state.get(&spec.address).map(|s| Arc::clone(s)).unwrap_or_default();
                 Host { spec, state }
             })
             .collect();
-        let specs: Vec<EndpointSpec> = hosts.iter().map(|h| h.spec.clone()).collect();
-        let topology = Topology::new(&specs, gateway, &settings);
         let shared = previous.map(|p| Arc::clone(&p.shared)).unwrap_or_default();
         let epoch = shared.epoch.load(Ordering::Acquire);
         let view = View::new(&hosts, &topology, &settings.policy, settings.panic_threshold, epoch);

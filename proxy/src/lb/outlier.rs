@@ -15,7 +15,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crossgate_proto::OutlierDetection;
+use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
+
+use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::settings::{LbConfigError, duration, invalid};
 
@@ -61,35 +63,54 @@ impl Default for OutlierSettings {
 }
 
 impl OutlierSettings {
-    /// Istio's `applyOutlierDetection`.
-    pub fn from_proto(od: &OutlierDetection) -> Result<Self, LbConfigError> {
+    /// Envoy's reading of `outlier_detection` (`DetectorConfig`): each consecutive-error counter ejects when both
+    /// its threshold and its enforcing percentage are above zero; Envoy's defaults fill what is unset (5 and 100%
+    /// for 5xx, 5 and 0% for gateway failures, 5 and 100% for local-origin failures when they are split).
+    pub fn from_envoy(od: &OutlierDetection) -> Result<Self, LbConfigError> {
         let defaults = OutlierSettings::default();
-        let interval = duration(od.interval.as_ref(), "outlierDetection.interval", defaults.interval)?;
-        let base_ejection_time =
-            duration(od.base_ejection_time.as_ref(), "outlierDetection.baseEjectionTime", defaults.base_ejection_time)?;
+        let interval = duration(od.interval.as_ref(), "outlier_detection.interval", defaults.interval)?;
+        let base_ejection_time = duration(
+            od.base_ejection_time.as_ref(),
+            "outlier_detection.base_ejection_time",
+            defaults.base_ejection_time,
+        )?;
         if interval.is_zero() || base_ejection_time.is_zero() {
-            return Err(invalid("outlierDetection", "interval and baseEjectionTime must be at least 1ms"));
+            return Err(invalid("outlier_detection", "interval and base_ejection_time must be more than 0"));
         }
-        let max_ejection_percent = match od.max_ejection_percent {
-            0 => defaults.max_ejection_percent,
-            p @ 1..=100 => p.unsigned_abs(),
-            _ => return Err(invalid("outlierDetection.maxEjectionPercent", "must be within 0..=100")),
+        let max_ejection_time = duration(
+            od.max_ejection_time.as_ref(),
+            "outlier_detection.max_ejection_time",
+            defaults.max_ejection_time.max(base_ejection_time),
+        )?;
+        let max_ejection_percent = od.max_ejection_percent.map_or(defaults.max_ejection_percent, |p| p.value);
+        if max_ejection_percent > 100 {
+            return Err(invalid("outlier_detection.max_ejection_percent", "must be within 0..=100"));
+        }
+        let counter = |threshold: Option<&UInt32Value>, enforcing: Option<&UInt32Value>, default_enforcing: u32| {
+            let threshold = threshold.map_or(5, |v| v.value);
+            let enforcing = enforcing.map_or(default_enforcing, |v| v.value);
+            (threshold > 0 && enforcing > 0).then_some(threshold)
         };
-        // An explicit 0 sets Envoy's enforcing percentage to 0: the counter no longer ejects.
-        let enforced = |v: Option<&pbjson_types::UInt32Value>, default: Option<u32>| match v {
-            None => default,
-            Some(v) => Some(v.value).filter(|n| *n > 0),
-        };
-        let split = od.split_external_local_origin_errors;
         Ok(OutlierSettings {
             interval,
             base_ejection_time,
-            max_ejection_time: defaults.max_ejection_time.max(base_ejection_time),
+            max_ejection_time,
             max_ejection_percent,
-            consecutive_5xx: enforced(od.consecutive_5xx_errors.as_ref(), defaults.consecutive_5xx),
-            consecutive_gateway: enforced(od.consecutive_gateway_errors.as_ref(), None),
-            consecutive_local_origin: split
-                .then(|| enforced(od.consecutive_local_origin_failures.as_ref(), Some(5)).unwrap_or(5)),
+            consecutive_5xx: counter(od.consecutive_5xx.as_ref(), od.enforcing_consecutive_5xx.as_ref(), 100),
+            consecutive_gateway: counter(
+                od.consecutive_gateway_failure.as_ref(),
+                od.enforcing_consecutive_gateway_failure.as_ref(),
+                0,
+            ),
+            consecutive_local_origin: if od.split_external_local_origin_errors {
+                counter(
+                    od.consecutive_local_origin_failure.as_ref(),
+                    od.enforcing_consecutive_local_origin_failure.as_ref(),
+                    100,
+                )
+            } else {
+                None
+            },
         })
     }
 
@@ -211,15 +232,16 @@ impl OutlierSettings {
 mod tests {
     use super::*;
 
-    fn proto(yaml: &str) -> OutlierDetection {
-        serde_yaml_ng::from_str(yaml).unwrap()
+    /// A DestinationRule's `outlierDetection`, as istiod writes it into the cluster.
+    fn envoy(yaml: &str) -> OutlierDetection {
+        crate::lb::tests::envoy_cluster(&format!("outlierDetection: {yaml}")).outlier_detection.unwrap()
     }
 
     #[test]
     fn istio_mapping_and_envoy_defaults() {
-        let d = OutlierSettings::from_proto(&proto("{}")).unwrap();
+        let d = OutlierSettings::from_envoy(&envoy("{}")).unwrap();
         assert_eq!(d, OutlierSettings::default());
-        let s = OutlierSettings::from_proto(&proto(
+        let s = OutlierSettings::from_envoy(&envoy(
             "{consecutive5xxErrors: 0, consecutiveGatewayErrors: 2, interval: 1s, baseEjectionTime: 600s, maxEjectionPercent: 50}",
         ))
         .unwrap();
@@ -227,15 +249,18 @@ mod tests {
         assert_eq!(s.consecutive_gateway, Some(2));
         assert_eq!(s.max_ejection_time, Duration::from_secs(600), "the cap is at least the base time");
         assert_eq!(s.max_ejection_percent, 50);
-        let split = OutlierSettings::from_proto(&proto("{splitExternalLocalOriginErrors: true}")).unwrap();
+        let split = OutlierSettings::from_envoy(&envoy("{splitExternalLocalOriginErrors: true}")).unwrap();
         assert_eq!(split.consecutive_local_origin, Some(5));
-        let split = OutlierSettings::from_proto(&proto(
+        let split = OutlierSettings::from_envoy(&envoy(
             "{splitExternalLocalOriginErrors: true, consecutiveLocalOriginFailures: 3}",
         ))
         .unwrap();
         assert_eq!(split.consecutive_local_origin, Some(3));
-        assert!(OutlierSettings::from_proto(&proto("{maxEjectionPercent: 101}")).is_err());
-        assert!(OutlierSettings::from_proto(&proto("{interval: 0s}")).is_err());
+        let too_many =
+            OutlierDetection { max_ejection_percent: Some(UInt32Value { value: 101 }), ..Default::default() };
+        assert!(OutlierSettings::from_envoy(&too_many).is_err());
+        let never = OutlierDetection { interval: Some(Default::default()), ..Default::default() };
+        assert!(OutlierSettings::from_envoy(&never).is_err());
     }
 
     #[test]

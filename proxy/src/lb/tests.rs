@@ -8,10 +8,10 @@ use std::time::Duration;
 
 fn endpoint(port: u16, locality: &str) -> EndpointSpec {
     EndpointSpec {
-        address: SocketAddr::from(([127, 0, 0, 1], port)),
+        // Port 0 is not an endpoint's: offset them all.
+        address: SocketAddr::from(([127, 0, 0, 1], 10_000 + port)),
         locality: locality.parse().unwrap(),
         weight: 1,
-        labels: BTreeMap::new(),
         health: Health::Healthy,
     }
 }
@@ -22,16 +22,66 @@ fn with_health(mut e: EndpointSpec, health: Health, weight: u32) -> EndpointSpec
     e
 }
 
-fn settings(yaml: &str) -> LbSettings {
-    LbSettings::from_policy(Some(&serde_yaml_ng::from_str(yaml).unwrap())).unwrap()
+/// A DestinationRule traffic policy (YAML), and a registered pick policy that may replace its algorithm.
+#[derive(Debug, Clone)]
+struct Rule {
+    yaml: String,
+    policy: Option<&'static str>,
 }
 
-fn gateway(locality: &str) -> GatewayIdentity {
-    GatewayIdentity::new(locality.parse().unwrap(), BTreeMap::new())
+impl Rule {
+    fn with_policy(mut self, name: &'static str) -> Result<Rule, LbConfigError> {
+        LbSettings::default().with_policy(name)?;
+        self.policy = Some(name);
+        Ok(self)
+    }
 }
 
-fn build(endpoints: Vec<EndpointSpec>, settings: LbSettings, locality: &str) -> ClusterLb {
-    ClusterLb::new(endpoints, settings, None, &gateway(locality), "test")
+fn settings(yaml: &str) -> Rule {
+    Rule { yaml: yaml.to_owned(), policy: None }
+}
+
+/// The Envoy cluster istiod builds for a DestinationRule traffic policy (YAML).
+pub(crate) fn envoy_cluster(yaml: &str) -> envoy_types::pb::envoy::config::cluster::v3::Cluster {
+    let compact = compact(&[], &settings(yaml));
+    crossgate_istio::gateway::build(&compact, &gateway(""), &Default::default()).unwrap().cluster
+}
+
+fn compact(endpoints: &[EndpointSpec], rule: &Rule) -> crossgate_proto::Cluster {
+    let traffic_policy = (!rule.yaml.trim().is_empty()).then(|| serde_yaml_ng::from_str(&rule.yaml).unwrap());
+    crossgate_proto::Cluster {
+        name: "outbound_.80_._.test.default.svc.cluster.local".to_owned(),
+        traffic_policy,
+        endpoints: endpoints
+            .iter()
+            .map(|e| crossgate_proto::Endpoint {
+                address: e.address.to_string(),
+                locality: e.locality.to_string(),
+                weight: e.weight,
+                health: match e.health {
+                    Health::Healthy => crossgate_proto::endpoint::Health::Healthy,
+                    Health::Unhealthy => crossgate_proto::endpoint::Health::Unhealthy,
+                    Health::Draining => crossgate_proto::endpoint::Health::Draining,
+                } as i32,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn gateway(locality: &str) -> crossgate_istio::locality_lb::GatewayIdentity {
+    crossgate_istio::locality_lb::GatewayIdentity::new(locality.parse().unwrap(), BTreeMap::new())
+}
+
+/// The lb a gateway at `locality` holds for these endpoints under `rule`: through istiod's resources, as
+/// configuration reaches it.
+fn rebuild(endpoints: Vec<EndpointSpec>, rule: Rule, locality: &str, previous: Option<&ClusterLb>) -> ClusterLb {
+    crate::resources::compact_lb(&compact(&endpoints, &rule), &gateway(locality), rule.policy, previous).unwrap()
+}
+
+fn build(endpoints: Vec<EndpointSpec>, rule: Rule, locality: &str) -> ClusterLb {
+    rebuild(endpoints, rule, locality, None)
 }
 
 const SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
@@ -71,7 +121,7 @@ fn unhealthy_and_draining_hosts_get_nothing() {
             endpoint(2, ""),
             with_health(endpoint(3, ""), Health::Draining, 1),
         ];
-        let lb = build(endpoints, LbSettings::default().with_policy(policy).unwrap(), "");
+        let lb = build(endpoints, settings("").with_policy(policy).unwrap(), "");
         assert_eq!(counts(&lb, 100, 1), vec![0, 100, 0], "{policy}");
         assert_eq!(lb.healthy_count(), 1);
     }
@@ -79,7 +129,7 @@ fn unhealthy_and_draining_hosts_get_nothing() {
 
 #[test]
 fn least_request_prefers_idle_hosts() {
-    let lb = build(vec![endpoint(1, ""), endpoint(2, "")], LbSettings::default(), "");
+    let lb = build(vec![endpoint(1, ""), endpoint(2, "")], settings(""), "");
     let mut rng = SmallRng::seed_from_u64(1);
     let ctx = PickContext { source: SOURCE, tried: &[] };
     // Hold every pick open: the two hosts stay close (both draws land on the same host half of the time, so
@@ -95,7 +145,7 @@ fn least_request_prefers_idle_hosts() {
 #[test]
 fn retry_avoids_tried_hosts_and_ends() {
     let endpoints = vec![endpoint(1, ""), with_health(endpoint(2, ""), Health::Healthy, 100)];
-    let lb = build(endpoints, LbSettings::default(), "");
+    let lb = build(endpoints, settings(""), "");
     let mut rng = SmallRng::seed_from_u64(3);
     let picked = lb.pick(&PickContext { source: SOURCE, tried: &[1] }, &mut rng).unwrap();
     assert_eq!(picked.index, 0);
@@ -105,11 +155,10 @@ fn retry_avoids_tried_hosts_and_ends() {
 #[test]
 fn host_state_survives_rebuild() {
     let od = settings(EJECT_AT_ONCE);
-    let gw = gateway("");
-    let lb = ClusterLb::new(vec![endpoint(1, ""), endpoint(3, "")], od.clone(), None, &gw, "test");
+    let lb = build(vec![endpoint(1, ""), endpoint(3, "")], od.clone(), "");
     let mut rng = SmallRng::seed_from_u64(3);
     let held = lb.pick(&PickContext { source: SOURCE, tried: &[1] }, &mut rng).unwrap();
-    let rebuilt = ClusterLb::new(vec![endpoint(2, ""), endpoint(1, ""), endpoint(3, "")], od, Some(&lb), &gw, "test");
+    let rebuilt = rebuild(vec![endpoint(2, ""), endpoint(1, ""), endpoint(3, "")], od, "", Some(&lb));
     assert_eq!(rebuilt.hosts()[1].state.active(), 1);
     assert_eq!(rebuilt.hosts()[0].state.active(), 0);
     drop(held);
@@ -266,8 +315,11 @@ outlierDetection: {}
 "#;
     let endpoints = ["region1/zone1", "region1/zone2", "region2/zone3", "region3/zone4"];
     let lb = build(endpoints.iter().zip(1..).map(|(l, i)| endpoint(i, l)).collect(), settings(yaml), "region1/zone1");
+    // istiod sends region2/zone3's locality without its endpoints: the gateway never holds that host.
+    let held: Vec<String> = lb.hosts().iter().map(|h| h.spec.locality.to_string()).collect();
+    assert_eq!(held, ["region1/zone1/", "region1/zone2/", "region3/zone4/"]);
     let counts = counts(&lb, 20_000, 4);
-    for (count, expected) in counts.iter().zip([0.7, 0.2, 0.0, 0.1]) {
+    for (count, expected) in counts.iter().zip([0.7, 0.2, 0.1]) {
         assert!((*count as f64 / 20_000.0 - expected).abs() < 0.015, "{counts:?}");
     }
 }
@@ -298,8 +350,7 @@ outlierDetection: { consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 300
 #[test]
 fn consistent_hash_is_sticky_per_source() {
     for policy in ["RING_HASH", "MAGLEV"] {
-        let lb =
-            build((0..10).map(|i| endpoint(i, "")).collect(), LbSettings::default().with_policy(policy).unwrap(), "");
+        let lb = build((0..10).map(|i| endpoint(i, "")).collect(), settings("").with_policy(policy).unwrap(), "");
         let mut rng = SmallRng::seed_from_u64(1);
         let mut seen = std::collections::BTreeSet::new();
         for client in 0..50u32 {
@@ -383,9 +434,9 @@ fn property_priority_loads_sum_to_100() {
             })
             .collect();
         let threshold = [0, 50, 100][rng.random_range(0..3)];
-        let load = load::priority_load(&priorities, threshold);
+        let load = load::priority_load(&priorities, threshold, load::DEFAULT_OVERPROVISIONING_FACTOR);
         let sum: u32 = load.load.iter().sum();
-        let any_health = priorities.iter().any(|p| p.health() > 0);
+        let any_health = priorities.iter().any(|p| p.health(load::DEFAULT_OVERPROVISIONING_FACTOR) > 0);
         assert!(sum == 100 || (sum == 0 && !any_health && threshold == 0), "{priorities:?} {threshold}: {load:?}");
     }
 }

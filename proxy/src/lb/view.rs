@@ -7,7 +7,7 @@ use std::fmt;
 use super::endpoint::{Health, Host};
 use super::load::{Availability, locality_weight, priority_load};
 use super::policy::{Draw, HostSet, Policy, PolicyRef, mix};
-use super::priority::{Group, Topology};
+use super::topology::{Group, Topology};
 
 pub(super) struct View {
     /// The ejection epoch this view was computed at.
@@ -71,7 +71,8 @@ impl View {
     pub fn new(hosts: &[Host], topology: &Topology, policy: &PolicyRef, panic_threshold: u32, epoch: u64) -> Self {
         let per_priority: Vec<Availability> =
             topology.priorities.iter().map(|groups| availability(hosts, members(groups))).collect();
-        let load = priority_load(&per_priority, panic_threshold);
+        let factor = topology.overprovisioning_factor;
+        let load = priority_load(&per_priority, panic_threshold, factor);
         let priorities = topology
             .priorities
             .iter()
@@ -88,7 +89,8 @@ impl View {
                     groups
                         .iter()
                         .filter_map(|g| {
-                            let weight = locality_weight(g.weight, availability(hosts, g.members.iter().copied()));
+                            let weight =
+                                locality_weight(g.weight, availability(hosts, g.members.iter().copied()), factor);
                             set(available, std::slice::from_ref(g)).filter(|_| weight > 0).map(|s| (weight, s))
                         })
                         .collect()

@@ -24,10 +24,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::lb::{
-    ClusterLb, EndpointSpec, GatewayIdentity, Health, LbConfigError, LbSettings, Locality, NetworkFailover, Outcome,
-    PickContext, Picked,
-};
+use crossgate_istio::locality_lb::{GatewayIdentity, NetworkFailover};
+
+use crate::lb::{ClusterLb, Outcome, PickContext, Picked};
 
 pub use render::{svg, table};
 
@@ -157,8 +156,10 @@ pub struct StepReport {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
-    #[error("traffic_policy: {0}")]
-    Policy(#[from] LbConfigError),
+    #[error("the scenario's cluster is refused: {0}")]
+    Cluster(String),
+    #[error("gateway.locality: {0}")]
+    Locality(#[from] crossgate_istio::labels::LocalityError),
     #[error("step {step:?} names endpoint {name:?}, which the scenario does not define")]
     UnknownEndpoint { step: String, name: String },
     #[error("gateway.istio must be \"1.30\" or \"1.31\", not {0:?}")]
@@ -169,10 +170,6 @@ pub enum ScenarioError {
 
 /// Runs `scenario` to the end; deterministic for a given seed.
 pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
-    let mut settings = LbSettings::from_policy(scenario.traffic_policy.as_ref())?;
-    if let Some(name) = &scenario.policy {
-        settings = settings.with_policy(name)?;
-    }
     let mut gateway = GatewayIdentity::new(scenario.gateway.locality.parse()?, scenario.gateway.labels.clone());
     if let Some(release) = &scenario.gateway.istio {
         gateway.network_failover =
@@ -184,21 +181,26 @@ pub fn run(scenario: &Scenario) -> Result<Report, ScenarioError> {
     if scenario.connect_attempts == 0 {
         return Err(ScenarioError::NotPositive("connect_attempts"));
     }
-    let endpoints = scenario
-        .endpoints
-        .iter()
-        .enumerate()
-        .map(|(i, e)| {
-            Ok(EndpointSpec {
-                address: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 15443)),
-                locality: e.locality.parse::<Locality>()?,
+    // The scenario as one cluster, through the gateway's configuration path.
+    let cluster = crossgate_proto::Cluster {
+        name: "outbound_.15443_._.simulate.default.svc.cluster.local".to_owned(),
+        traffic_policy: scenario.traffic_policy.clone(),
+        endpoints: scenario
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| crossgate_proto::Endpoint {
+                address: SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 15443)).to_string(),
+                locality: e.locality.clone(),
                 weight: e.weight.max(1),
                 labels: e.labels.clone(),
-                health: Health::Healthy,
+                ..Default::default()
             })
-        })
-        .collect::<Result<Vec<_>, LbConfigError>>()?;
-    let lb = ClusterLb::new(endpoints, settings, None, &gateway, "simulate");
+            .collect(),
+        ..Default::default()
+    };
+    let lb = crate::resources::compact_lb(&cluster, &gateway, scenario.policy.as_deref(), None)
+        .map_err(ScenarioError::Cluster)?;
     let names: Vec<String> = scenario.endpoints.iter().map(|e| e.name.clone()).collect();
     let mut sim = Simulation {
         scenario,

@@ -1,6 +1,7 @@
 //! Real TLS peers for tests and benches: an Istio-like PKI (rcgen), mTLS backends and clients (rustls) that
 //! send SNI and ALPN exactly as Istio sidecars do, and small helpers for asserting on a running gateway.
 
+pub mod ads;
 pub mod gateway;
 pub mod pki;
 pub mod workload;

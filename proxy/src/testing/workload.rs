@@ -195,3 +195,32 @@ pub fn client_hello(identity: &super::pki::WorkloadIdentity, sni: &str, alpn: &[
     }
     hello
 }
+
+/// A sidecar-like client and a backend identity of one mesh, and the cluster the client asks the gateway for.
+#[derive(Debug)]
+pub struct Mesh {
+    pub client: WorkloadIdentity,
+    pub server: WorkloadIdentity,
+    /// The Istio SNI of the cluster the client connects to.
+    pub sni: String,
+}
+
+impl Mesh {
+    /// `sleep/sleep` calling `sample/helloworld` through `sni`, under a fresh mesh root.
+    pub fn new(sni: &str) -> Mesh {
+        let ca = super::pki::TestCa::new("cluster.local");
+        Mesh { client: ca.workload("sleep", "sleep"), server: ca.workload("sample", "helloworld"), sni: sni.to_owned() }
+    }
+
+    pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
+        self.client.client_config(&self.server.spiffe, &super::pki::SIDECAR_ALPN)
+    }
+
+    /// A sidecar's tunnel through the gateway at `gateway` to the mesh's cluster, past the backend's greeting:
+    /// the stream, and the name of the backend that answered.
+    pub async fn tunnel(&self, gateway: SocketAddr) -> (TlsStream<TcpStream>, String) {
+        let mut tls = connect(gateway, &self.sni, self.client_config()).await.unwrap();
+        let (backend, _) = read_greeting(&mut tls).await.unwrap();
+        (tls, backend)
+    }
+}

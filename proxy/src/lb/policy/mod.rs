@@ -200,7 +200,6 @@ pub(crate) mod tests {
     use crate::lb::endpoint::{EndpointSpec, Health, HostState, Locality};
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
-    use std::collections::BTreeMap;
     use std::net::SocketAddr;
     use std::sync::Arc;
 
@@ -213,7 +212,6 @@ pub(crate) mod tests {
                     address: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 15443)),
                     locality: Locality::default(),
                     weight: *w,
-                    labels: BTreeMap::new(),
                     health: Health::Healthy,
                 },
                 state: Arc::new(HostState::default()),
