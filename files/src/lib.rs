@@ -30,8 +30,12 @@ impl FileWatch {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
             _ => PathBuf::from("."),
         };
-        let mut watcher = notify::recommended_watcher(move |_event| {
-            let _ = events.send(());
+        // Only writes, creations, removals and renames: reading the file (ours included) fires access events
+        // on the directory, and reacting to those would re-read the file forever.
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok_and(|event| !matches!(event.kind, notify::EventKind::Access(_))) {
+                let _ = events.send(());
+            }
         })?;
         watcher.watch(&directory, RecursiveMode::NonRecursive)?;
         Ok(FileWatch { path: path.to_owned(), _watcher: watcher, changes })
@@ -48,6 +52,8 @@ impl FileWatch {
     ) {
         let mut poll = tokio::time::interval_at(tokio::time::Instant::now() + POLL, POLL);
         tokio::pin!(shutdown);
+        // A refusal is logged once, not at every poll while the file stays as it is.
+        let mut last_error = None;
         loop {
             tokio::select! {
                 () = &mut shutdown => return,
@@ -61,9 +67,18 @@ impl FileWatch {
                 _ = poll.tick() => {}
             }
             match reload() {
-                Ok(true) => tracing::info!(path = %self.path.display(), "{what} reloaded"),
+                Ok(true) => {
+                    last_error = None;
+                    tracing::info!(path = %self.path.display(), "{what} reloaded");
+                }
                 Ok(false) => {}
-                Err(error) => tracing::error!(%error, "keeping the previous {what}"),
+                Err(error) => {
+                    let message = error.to_string();
+                    if last_error.as_ref() != Some(&message) {
+                        tracing::error!(error = %message, "keeping the previous {what}");
+                        last_error = Some(message);
+                    }
+                }
             }
         }
     }
@@ -85,6 +100,7 @@ mod tests {
         let reloads = Arc::new(AtomicUsize::new(0));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let counted = Arc::clone(&reloads);
+        let read = path.clone();
         let following = tokio::spawn(watch.follow(
             "config",
             async move {
@@ -92,7 +108,8 @@ mod tests {
             },
             move || {
                 counted.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(true)
+                // Reading the file, as every caller does, must not look like a change.
+                std::fs::read_to_string(&read).map(|_| true).map_err(|e| e.to_string())
             },
         ));
         // A ConfigMap-style update: a new file renamed over the old one.
@@ -103,8 +120,8 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "no reload");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(SETTLE * 3).await;
-        assert_eq!(reloads.load(Ordering::SeqCst), 1, "one update, one reload");
+        tokio::time::sleep(SETTLE * 10).await;
+        assert_eq!(reloads.load(Ordering::SeqCst), 1, "one update, one reload, and the reload's own read is no change");
         stop.send(()).unwrap();
         following.await.unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
