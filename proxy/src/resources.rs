@@ -310,11 +310,14 @@ fn workload_metadata(lb_endpoint: &envoy_types::pb::envoy::config::endpoint::v3:
 /// snapshots built from them.
 #[derive(Debug, Clone, Default)]
 pub struct EnvoyState {
-    /// The filter chains of the sni-dnat listener.
+    /// The sni-dnat listener's name and filter chains.
+    pub listener_name: String,
     pub chains: std::sync::Arc<Vec<ChainSpec>>,
     /// EDS clusters by name (other clusters are ignored).
     pub clusters: std::collections::HashMap<String, std::sync::Arc<ClusterSpec>>,
     pub assignments: std::collections::HashMap<String, std::sync::Arc<AssignmentSpec>>,
+    /// Whether a listener update has been accepted (readiness waits for one, as Envoy's initial fetch does).
+    pub listener_received: bool,
 }
 
 /// The lb of one compact cluster as the gateway holds it once istiod's resources for `gateway` are applied: the

@@ -82,29 +82,32 @@ impl ConfigStore {
     /// Applies listeners: the one on the routing port supplies the filter chains, the others are ignored.
     pub fn apply_listeners(&self, update: Update<Listener>) -> Vec<Rejected> {
         let mut rejected = Vec::new();
-        let mut chains = None;
-        let mut ours_removed = false;
+        let mut ours = None;
         for (name, listener) in &update.resources {
             if listener_port(listener) != Some(self.listener_port) {
                 continue;
             }
             match resources::read_listener(listener) {
-                Ok(read) => chains = Some(Arc::new(read)),
+                Ok(read) => ours = Some((name.clone(), Arc::new(read))),
                 Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
             }
         }
-        let ours_sent = chains.is_some() || !rejected.is_empty();
-        if update.complete && !ours_sent {
-            ours_removed = true;
-        }
         let mut state = self.lock();
-        if ours_removed {
+        state.listener_received |= rejected.is_empty();
+        let gone = if update.complete {
+            ours.is_none() && rejected.is_empty()
+        } else {
+            update.removed.contains(&state.listener_name)
+        };
+        if gone {
             state.chains = Arc::default();
+            state.listener_name.clear();
         }
-        if let Some(chains) = chains {
+        if let Some((name, chains)) = ours {
+            state.listener_name = name;
             state.chains = chains;
         }
-        self.publish(&state, &HashSet::new(), &rejected, true);
+        self.publish(&state, &HashSet::new(), &rejected);
         rejected
     }
 
@@ -142,7 +145,7 @@ impl ConfigStore {
                 changed.insert(name);
             }
         }
-        self.publish(&state, &changed, &rejected, false);
+        self.publish(&state, &changed, &rejected);
         rejected
     }
 
@@ -165,7 +168,7 @@ impl ConfigStore {
                 changed.insert(name.clone());
             }
         }
-        self.publish(&state, &changed, &rejected, false);
+        self.publish(&state, &changed, &rejected);
         rejected
     }
 
@@ -180,7 +183,10 @@ impl ConfigStore {
         let mut next = EnvoyState::default();
         let mut rejected = Vec::new();
         match resources::read_listener(&listener) {
-            Ok(chains) => next.chains = Arc::new(chains),
+            Ok(chains) => {
+                next.chains = Arc::new(chains);
+                next.listener_name = listener.name.clone();
+            }
             Err(e) => rejected.push(Rejected { name: listener.name.clone(), reason: e.to_string() }),
         }
         for cluster in &clusters {
@@ -205,8 +211,9 @@ impl ConfigStore {
         }
         let mut state = self.lock();
         let changed: HashSet<String> = next.clusters.keys().cloned().collect();
+        next.listener_received = true;
         *state = next;
-        self.publish(&state, &changed, &[], true);
+        self.publish(&state, &changed, &[]);
         Ok(())
     }
 
@@ -220,7 +227,7 @@ impl ConfigStore {
     }
 
     /// Builds and swaps in the snapshot of `state`, rebuilding the clusters in `changed`.
-    fn publish(&self, state: &EnvoyState, changed: &HashSet<String>, rejected: &[Rejected], listener: bool) {
+    fn publish(&self, state: &EnvoyState, changed: &HashSet<String>, rejected: &[Rejected]) {
         let previous = self.routes.load_full();
         let table = RouteTable::rebuild(&previous, state, changed, &self.defaults, &self.telemetry);
         self.metrics.clusters.set(state.clusters.len() as f64);
@@ -231,15 +238,16 @@ impl ConfigStore {
         } else {
             self.metrics.rejected.increment(1);
         }
-        if listener && (rejected.is_empty() || self.is_loaded()) {
+        // Envoy's initial fetch: ready once a listener is accepted and every EDS cluster has had its assignment
+        // (until then Envoy keeps the cluster warming).
+        let warm = state.clusters.keys().all(|name| state.assignments.contains_key(name));
+        if self.is_loaded() || (state.listener_received && warm) {
+            // Also wakes whoever follows changes (the outlier sweep).
             self.accepted.send_modify(|accepted| *accepted += 1);
-        } else if !changed.is_empty() {
-            // Later changes wake the outlier sweep too.
-            self.accepted.send_modify(|_| {});
         }
     }
 
-    /// True once a listener has been accepted: the gateway has something to serve.
+    /// True once the initial configuration is in: a listener, and an assignment for every cluster.
     pub fn is_loaded(&self) -> bool {
         *self.accepted.borrow() > 0
     }
