@@ -136,18 +136,22 @@ impl Default for InvalidClusters {
     }
 }
 
-/// One compact cluster, built (or refused) at one version.
-enum Built {
-    Valid { eds_version: String, cds_version: String, cluster: Arc<Any>, assignment: Arc<Any>, chain: Arc<FilterChain> },
-    Invalid { eds_version: String },
+/// The Envoy resources of one version of a compact cluster.
+#[derive(Clone)]
+struct Good {
+    eds_version: String,
+    cds_version: String,
+    cluster: Arc<Any>,
+    assignment: Arc<Any>,
+    chain: Arc<FilterChain>,
 }
 
-impl Built {
-    fn eds_version(&self) -> &str {
-        match self {
-            Built::Valid { eds_version, .. } | Built::Invalid { eds_version } => eds_version,
-        }
-    }
+/// One compact cluster: the version last seen, and the last version the builder accepted. A version it
+/// refuses leaves the last good one served to this gateway (the gateway keeps routing as it did, as after a
+/// NACK); a cluster never accepted is not served.
+struct Built {
+    seen: String,
+    good: Option<Good>,
 }
 
 /// Builds one gateway's resources from its views, rebuilding only the clusters whose version changed.
@@ -166,7 +170,8 @@ impl ResourceBuilder {
         ResourceBuilder { identity, salt, options, built: BTreeMap::new(), listener: None }
     }
 
-    /// The resources of a view (cluster name -> compact cluster); refused clusters are left out and reported.
+    /// The resources of a view (cluster name -> compact cluster); refused versions are reported, and left out
+    /// (see [`Built`]).
     pub fn resources(
         &mut self,
         view: &BTreeMap<String, CompactCluster>,
@@ -176,26 +181,22 @@ impl ResourceBuilder {
         for (name, compact) in view {
             let eds_version = self.version(b"eds", &compact.encode_to_vec());
             let previous = self.built.get(name);
-            if previous.is_none_or(|b| b.eds_version() != eds_version) {
+            if previous.is_none_or(|b| b.seen != eds_version) {
                 let built = self.build(compact, eds_version, previous, invalid);
                 self.built.insert(name.clone(), built);
             }
         }
         let mut resources = GatewayResources::default();
         let mut chains = Vec::new();
-        for (name, built) in &self.built {
-            match built {
-                Built::Valid { eds_version, cds_version, cluster, assignment, chain } => {
-                    let versioned = |version: &String, resource: &Arc<Any>| Versioned {
-                        version: version.clone(),
-                        resource: Arc::clone(resource),
-                    };
-                    resources.by_kind[Kind::Cluster.index()].insert(name.clone(), versioned(cds_version, cluster));
-                    resources.by_kind[Kind::Endpoint.index()].insert(name.clone(), versioned(eds_version, assignment));
-                    chains.push((cds_version.as_str(), &**chain));
-                }
-                Built::Invalid { .. } => {}
-            }
+        for (name, good) in self.built.iter().filter_map(|(name, built)| Some((name, built.good.as_ref()?))) {
+            let versioned = |version: &String, resource: &Arc<Any>| Versioned {
+                version: version.clone(),
+                resource: Arc::clone(resource),
+            };
+            resources.by_kind[Kind::Cluster.index()].insert(name.clone(), versioned(&good.cds_version, &good.cluster));
+            resources.by_kind[Kind::Endpoint.index()]
+                .insert(name.clone(), versioned(&good.eds_version, &good.assignment));
+            chains.push((good.cds_version.as_str(), &*good.chain));
         }
         let port = self.options.listener_port;
         if let Some((version, listener)) = cached_listener(&mut self.listener, &self.salt, port, &chains) {
@@ -219,18 +220,19 @@ impl ResourceBuilder {
                 // so that an endpoint change does not resend the cluster, which Envoy would then re-warm.
                 let bare = CompactCluster { endpoints: Vec::new(), ..compact.clone() };
                 let cds_version = self.version(b"cds", &bare.encode_to_vec());
-                let (cluster, chain) = match previous {
-                    Some(Built::Valid { cds_version: kept, cluster, chain, .. }) if *kept == cds_version => {
-                        (Arc::clone(cluster), Arc::clone(chain))
+                let (cluster, chain) = match previous.and_then(|p| p.good.as_ref()) {
+                    Some(kept) if kept.cds_version == cds_version => {
+                        (Arc::clone(&kept.cluster), Arc::clone(&kept.chain))
                     }
                     _ => (Arc::new(gateway::pack(&cluster)), Arc::new(filter_chain)),
                 };
                 let assignment = Arc::new(gateway::pack(&assignment));
-                Built::Valid { eds_version, cds_version, cluster, assignment, chain }
+                let good = Good { eds_version: eds_version.clone(), cds_version, cluster, assignment, chain };
+                Built { seen: eds_version, good: Some(good) }
             }
             Err(errors) => {
                 invalid.report(&compact.name, &eds_version, &errors);
-                Built::Invalid { eds_version }
+                Built { seen: eds_version, good: previous.and_then(|p| p.good.clone()) }
             }
         }
     }
@@ -371,6 +373,18 @@ mod tests {
     }
 
     #[test]
+    fn each_refused_version_is_counted_once() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let invalid = metrics::with_local_recorder(&recorder, InvalidClusters::new);
+        let errors = [gateway::BuildError { field: "name".into(), problem: "bad".into() }];
+        for (name, version) in [("a", "1"), ("a", "1"), ("a", "2"), ("b", "1")] {
+            invalid.report(name, version, &errors);
+        }
+        assert!(handle.render().contains("crossgate_control_invalid_clusters_total 3"), "{}", handle.render());
+    }
+
+    #[test]
     fn a_refused_cluster_is_left_out_and_the_others_served() {
         let mut bad = compact(&["10.0.0.1"]);
         bad.name = "outbound_.80_._.bad.sample.svc.cluster.local".to_owned();
@@ -388,5 +402,16 @@ mod tests {
         assert_eq!(invalid.seen.lock().unwrap().len(), 1);
         // With no valid cluster there is no listener.
         assert!(builder.resources(&BTreeMap::new(), &invalid).of(Kind::Listener).is_empty());
+
+        // A cluster that turns invalid keeps its last good resources.
+        let good = compact(&["10.0.0.1:5000"]);
+        let served = builder.resources(&view(std::slice::from_ref(&good)), &invalid);
+        let mut broken = good.clone();
+        broken.endpoints.push(Endpoint { address: "10.0.0.2".to_owned(), ..Default::default() });
+        let kept = builder.resources(&view(&[broken]), &invalid);
+        for kind in Kind::ALL {
+            assert_eq!(served.of(kind), kept.of(kind), "{kind:?}");
+        }
+        assert_eq!(invalid.seen.lock().unwrap().len(), 2);
     }
 }

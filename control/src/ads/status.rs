@@ -12,9 +12,13 @@ pub struct AdsGatewayStatus {
     pub protocol: &'static str,
     pub node: NodeStatus,
     pub connected_at_unix: u64,
+    /// The mesh version its resources were last computed from (0: none yet, the mesh is not whole).
+    pub mesh_version: u64,
     /// Type URL -> resource name -> version, as last ACKed.
     pub acked: BTreeMap<String, BTreeMap<String, String>>,
     pub pushes: u64,
+    /// Resources sent, removals included: what a reconnecting gateway was sent again shows here.
+    pub pushed_resources: u64,
     pub acks: u64,
     pub nacks: u64,
     pub last_nack: Option<NackStatus>,

@@ -42,8 +42,10 @@ impl<W: Wire> Session<W> {
             protocol: W::PROTOCOL,
             node: (&node).into(),
             connected_at_unix: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            mesh_version: UNPRIMED,
             acked: Default::default(),
             pushes: 0,
+            pushed_resources: 0,
             acks: 0,
             nacks: 0,
             last_nack: None,
@@ -117,6 +119,7 @@ impl<W: Wire> Session<W> {
         self.mesh_version = snapshot.version;
         self.changed_at = snapshot.changed_at;
         self.types.iter_mut().for_each(TypeState::mark_dirty);
+        self.update_status(|status| status.mesh_version = snapshot.version);
     }
 
     fn receive(&mut self, request: &W::Request) {
@@ -160,7 +163,7 @@ impl<W: Wire> Session<W> {
     /// The responses due now, in push order.
     fn pushes(&mut self) -> Vec<W::Response> {
         let Some(resources) = &self.resources else { return Vec::new() };
-        let mut out = Vec::new();
+        let (mut out, mut pushed_resources) = (Vec::new(), 0);
         for kind in Kind::ALL {
             let nonces = &mut self.nonces;
             let mesh_version = self.mesh_version;
@@ -176,6 +179,7 @@ impl<W: Wire> Session<W> {
                 self.types[Kind::Endpoint.index()].forget(&push.updated);
             }
             let count = push.resources.len() + push.removed.len();
+            pushed_resources += count as u64;
             let response = W::response(kind.type_url(), push, self.mesh_version);
             let metrics = &self.shared.metrics;
             metrics.pushes[kind.index()].increment(1);
@@ -185,7 +189,10 @@ impl<W: Wire> Session<W> {
         }
         if !out.is_empty() {
             let pushed = out.len() as u64;
-            self.update_status(|status| status.pushes += pushed);
+            self.update_status(|status| {
+                status.pushes += pushed;
+                status.pushed_resources += pushed_resources;
+            });
         }
         out
     }
