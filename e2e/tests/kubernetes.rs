@@ -189,7 +189,7 @@ async fn a_restarted_control_service_serves_gateways_only_once_its_clusters_have
 
     clusters.cluster2.clear_faults();
     eventually(WITHIN, "the gateway is served again", || async {
-        control.debug_gateways().await[0]["acked_mesh_version"].as_u64() > Some(0)
+        control.debug_gateways().await[0]["acks"].as_u64() > Some(0)
     })
     .await;
     assert_eq!(mesh.call(west.listen).await.as_deref(), Some("v2-cluster2"));

@@ -106,11 +106,21 @@ impl RunningControl {
     }
 
     pub async fn start_with(source: MeshSource, listen: SocketAddr, tls: Option<TlsFiles>) -> RunningControl {
+        Self::start_with_ads(source, listen, tls, AdsOptions::default()).await
+    }
+
+    /// With the given settings for Envoy gateways.
+    pub async fn start_with_ads(
+        source: MeshSource,
+        listen: SocketAddr,
+        tls: Option<TlsFiles>,
+        ads: AdsOptions,
+    ) -> RunningControl {
         let config = ControlConfig {
             source,
             cluster_id: "cluster1".to_owned(),
             view: ViewOptions::default(),
-            ads: AdsOptions::default(),
+            ads,
             listen,
             admin: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(20),
@@ -136,15 +146,37 @@ impl RunningControl {
 
     /// The status code and body of `GET path` on the admin port.
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.admin).await.unwrap();
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").unwrap();
-        let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap();
-        (status, body.to_owned())
+        http_get(self.admin, path).await.unwrap()
+    }
+}
+
+/// The status code and body of `GET path` at `address` (HTTP/1.1, the connection closed after it).
+pub async fn http_get(address: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let malformed = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("not HTTP: {response:?}"));
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(malformed)?;
+    let status = head.split(' ').nth(1).and_then(|code| code.parse().ok()).ok_or_else(malformed)?;
+    let chunked = head.lines().any(|line| line.eq_ignore_ascii_case("transfer-encoding: chunked"));
+    let body = if chunked { dechunk(body).ok_or_else(malformed)? } else { body.to_owned() };
+    Ok((status, body))
+}
+
+/// A chunked HTTP/1.1 body (Envoy's admin sends large ones so), joined.
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
     }
 }
 
