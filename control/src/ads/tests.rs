@@ -174,12 +174,15 @@ fn endpoint_count(assignment: &ClusterLoadAssignment) -> usize {
     assignment.endpoints.iter().map(|group| group.lb_endpoints.len()).sum()
 }
 
+/// A delta stream of gateway `gw-1` in cluster1, its first request subscribing to CDS with `names`.
+async fn open_cds(harness: &Harness, names: &[&str]) -> DeltaStream {
+    let first = DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, names) };
+    delta(harness, first).await.unwrap()
+}
+
 /// CDS, then EDS for the clusters, then LDS, each ACKed, as Envoy starts.
 async fn start_delta(harness: &Harness) -> DeltaStream {
-    let mut stream =
-        delta(harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
-            .await
-            .unwrap();
+    let mut stream = open_cds(harness, &[]).await;
     let clusters = stream.recv().await;
     assert_eq!(clusters.type_url, Kind::Cluster.type_url());
     stream.send(ack(&clusters)).await;
@@ -195,10 +198,7 @@ async fn start_delta(harness: &Harness) -> DeltaStream {
 #[tokio::test]
 async fn delta_serves_clusters_then_assignments_then_the_listener_and_follows_the_mesh() {
     let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
-    let mut stream =
-        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &["*"]) })
-            .await
-            .unwrap();
+    let mut stream = open_cds(&harness, &["*"]).await;
     let clusters = stream.recv().await;
     // The cluster the builder refuses is left out; the others are served.
     assert!(!names(&clusters).contains(&BROKEN));
@@ -267,10 +267,7 @@ async fn delta_serves_clusters_then_assignments_then_the_listener_and_follows_th
 #[tokio::test]
 async fn a_nacked_version_is_remembered_and_not_sent_again() {
     let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
-    let mut stream =
-        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
-            .await
-            .unwrap();
+    let mut stream = open_cds(&harness, &[]).await;
     let clusters = stream.recv().await;
     stream.send(nack(&clusters, "Error adding/updating cluster(s) x: bad")).await;
     // A new mesh version that changes nothing for this gateway: the refused clusters are not resent.
@@ -293,10 +290,7 @@ async fn a_nacked_version_is_remembered_and_not_sent_again() {
 #[tokio::test]
 async fn a_reconnecting_gateway_is_sent_only_what_changed_since_its_initial_versions() {
     let harness = Harness::start(mesh(&["10.0.0.1"], true)).await;
-    let mut stream =
-        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
-            .await
-            .unwrap();
+    let mut stream = open_cds(&harness, &[]).await;
     let clusters = stream.recv().await;
     stream.send(ack(&clusters)).await;
     stream.send(subscribe(Kind::Endpoint, &[HELLOWORLD, IDLE])).await;
@@ -413,10 +407,7 @@ async fn nothing_is_pushed_before_the_mesh_is_primed() {
         version: crate::server::UNPRIMED,
         changed_at: Instant::now(),
     }));
-    let mut stream =
-        delta(&harness, DeltaDiscoveryRequest { node: Some(node("cluster1")), ..subscribe(Kind::Cluster, &[]) })
-            .await
-            .unwrap();
+    let mut stream = open_cds(&harness, &[]).await;
     stream.quiet().await;
     harness.publish(mesh(&["10.0.0.1"], true));
     assert_eq!(names(&stream.recv().await), [HELLOWORLD, IDLE]);
