@@ -4,11 +4,11 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let files = ["crossgate/discovery/v1/cluster.proto", "crossgate/discovery/v1/discovery.proto"];
+    let files = ["crossgate/discovery/v1/cluster.proto"];
     let descriptors = protox::compile(files, ["proto"])?;
     tonic_prost_build::configure()
-        .build_server(true)
-        .build_client(true)
+        .build_server(false)
+        .build_client(false)
         // Well-known types from pbjson-types, which carry the proto3 JSON mapping ("10s" durations, bare
         // wrapper values).
         .compile_well_known_types(true)

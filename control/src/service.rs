@@ -1,7 +1,6 @@
 //! crossgate-control as a running service: a source of the mesh (the mesh file, or the Kubernetes clusters
 //! and their remote secrets), debounced into versions, served to gateways over gRPC (plaintext or mTLS) as
-//! Envoy's xDS (ADS) and, until crossgate-proxy moves to it, as crossgate's own delta discovery service, with
-//! an admin port for metrics, readiness and the per-gateway debug view.
+//! Envoy's xDS (ADS), with an admin port for metrics, readiness and the per-gateway debug view.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
-use crossgate_proto::gateway_discovery_server::GatewayDiscoveryServer;
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -21,9 +19,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
-use crate::ads::{AdsOptions, AdsServer, MAX_MESSAGE_SIZE};
+use crate::ads::{AdsOptions, AdsServer};
 use crate::model::MeshModel;
-use crate::server::{self, DiscoveryServer};
+use crate::server;
 use crate::sources::file::{self, EMBEDDED_MESH, MeshFile};
 use crate::sources::kube::{self as kube_source, KubeOptions, SyncStatuses};
 use crate::views::ViewOptions;
@@ -109,20 +107,15 @@ impl Control {
         let source = start_source(&config, updates, statuses, primed_sender, stopped_signal()).await?;
 
         let versions = server::debounce(mesh, primed.clone(), config.debounce, config.debounce * 10);
-        // Both services serve the same mesh versions.
-        let discovery = DiscoveryServer::new(versions.clone(), config.view.clone());
         let ads = AdsServer::new(versions, config.view.clone(), config.ads.clone());
         let mut builder = Server::builder().http2_keepalive_interval(Some(Duration::from_secs(30)));
         if let Some(tls) = &config.tls {
             builder = builder.tls_config(server_tls(tls)?)?;
         }
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
-        let legacy = GatewayDiscoveryServer::new(discovery.clone())
-            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-            .max_encoding_message_size(MAX_MESSAGE_SIZE);
-        let router = builder.add_service(ads.clone().service()).add_service(legacy);
+        let router = builder.add_service(ads.clone().service());
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped_signal()));
-        let gateways = Gateways { discovery, ads };
+        let gateways = Gateways { ads };
         let admin_task = tokio::spawn(serve_admin(admin, gateways, status, primed, metrics, stopped_signal()));
         tracing::info!(listen = %config.listen, "control service serving");
 
@@ -195,22 +188,15 @@ fn server_tls(tls: &TlsFiles) -> anyhow::Result<ServerTlsConfig> {
     Ok(config)
 }
 
-/// The gateways of both services, for `/debug/gateways`.
+/// The connected gateways, for `/debug/gateways`.
 #[derive(Clone)]
 struct Gateways {
-    discovery: DiscoveryServer,
     ads: AdsServer,
 }
 
 impl Gateways {
-    /// One list: crossgate-proxy's gateways on the crossgate service first, then the Envoy (ADS) ones.
     fn json(&self) -> String {
-        let legacy = self.discovery.gateways().into_iter().map(serde_json::to_value);
-        let ads = self.ads.gateways().into_iter().map(serde_json::to_value);
-        match legacy.chain(ads).collect::<Result<Vec<_>, _>>() {
-            Ok(all) => json(&all),
-            Err(e) => format!("{{\"error\": \"{e}\"}}"),
-        }
+        json(&self.ads.gateways())
     }
 }
 

@@ -1,6 +1,7 @@
-//! crossgate's wire contract: the resources a gateway serves and the delta discovery service that carries
-//! them. The same messages have a YAML/JSON form (proto3 JSON mapping via pbjson), which is what the
-//! gateway's static resources file and the simulator's traffic policies are written in.
+//! crossgate's compact form of what a gateway serves: one entry per sni-dnat cluster, with its DestinationRule
+//! traffic policy and endpoints. Its YAML/JSON form (proto3 JSON mapping via pbjson) is the gateway's static
+//! resources file and the simulator's traffic policies; the control service's views produce it. On the wire,
+//! both sides speak Envoy's xDS v3 (`crossgate-istio` builds it from this form).
 
 pub mod duration;
 

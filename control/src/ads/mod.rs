@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use crossgate_istio::labels::Locality;
 use crossgate_istio::node::GatewayNode;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
@@ -166,23 +165,6 @@ impl AggregatedDiscoveryService for AdsServer {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         self.open::<Delta>(request).await
     }
-}
-
-/// The node the views compute a gateway's clusters for.
-fn view_node(node: &GatewayNode) -> crossgate_proto::Node {
-    crossgate_proto::Node {
-        id: node.id.clone(),
-        cluster_id: node.cluster_id.clone(),
-        network: node.network.clone(),
-        locality: locality_string(&node.locality),
-        requested_network_view: node.requested_network_view.clone(),
-        labels: node.labels.clone().into_iter().collect(),
-    }
-}
-
-/// `region/zone/subzone` without trailing empty parts; empty when unknown.
-fn locality_string(locality: &Locality) -> String {
-    locality.to_string().trim_end_matches('/').to_owned()
 }
 
 #[cfg(test)]

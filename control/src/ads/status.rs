@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use crossgate_istio::node::GatewayNode;
 use serde::Serialize;
 
+use super::{AdsServer, Kind};
+
 /// One connected gateway.
 #[derive(Debug, Clone, Serialize)]
 pub struct AdsGatewayStatus {
@@ -22,6 +24,35 @@ pub struct AdsGatewayStatus {
     pub acks: u64,
     pub nacks: u64,
     pub last_nack: Option<NackStatus>,
+}
+
+impl AdsServer {
+    /// Every connected gateway as [`AdsServer::gateways`] shows it, but with `acked` holding only the version
+    /// of `name` of `kind` (if ACKed): a read cheap enough to poll at mesh scale, where the full copy holds
+    /// every resource of every gateway. Read-only; for benchmarks and tests that wait for an ACK.
+    pub fn gateways_holding(&self, kind: Kind, name: &str) -> Vec<AdsGatewayStatus> {
+        let type_url = kind.type_url();
+        let gateways = self.shared.gateways.lock().unwrap_or_else(|e| e.into_inner());
+        gateways
+            .values()
+            .map(|status| {
+                let held = status.acked.get(&type_url).and_then(|held| held.get(name));
+                let acked = held.map(|version| (name.to_owned(), version.clone())).into_iter().collect();
+                AdsGatewayStatus {
+                    protocol: status.protocol,
+                    node: status.node.clone(),
+                    connected_at_unix: status.connected_at_unix,
+                    mesh_version: status.mesh_version,
+                    acked: BTreeMap::from([(type_url.clone(), acked)]),
+                    pushes: status.pushes,
+                    pushed_resources: status.pushed_resources,
+                    acks: status.acks,
+                    nacks: status.nacks,
+                    last_nack: status.last_nack.clone(),
+                }
+            })
+            .collect()
+    }
 }
 
 /// The gateway's identity, as its Envoy node tells it.
@@ -42,7 +73,8 @@ impl From<&GatewayNode> for NodeStatus {
             cluster_id: node.cluster_id.clone(),
             network: node.network.clone(),
             requested_network_view: node.requested_network_view.clone(),
-            locality: super::locality_string(&node.locality),
+            // `region/zone/subzone` without trailing empty parts; empty when unknown.
+            locality: node.locality.to_string().trim_end_matches('/').to_owned(),
             labels: node.labels.clone(),
         }
     }

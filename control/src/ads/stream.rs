@@ -11,11 +11,11 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use super::Shared;
 use super::resources::{GatewayResources, Kind, ResourceBuilder};
 use super::status::{AdsGatewayStatus, NackStatus};
 use super::subscription::{Answer, Outcome, TypeState};
 use super::wire::Wire;
-use super::{Shared, view_node};
 use crate::server::{MeshVersion, UNPRIMED};
 use crate::views;
 
@@ -23,7 +23,6 @@ pub(super) struct Session<W: Wire> {
     shared: Arc<Shared>,
     id: u64,
     node: GatewayNode,
-    view_node: crossgate_proto::Node,
     builder: ResourceBuilder,
     types: [TypeState; 3],
     /// `None` until the mesh is primed: nothing is pushed before.
@@ -58,7 +57,6 @@ impl<W: Wire> Session<W> {
         );
         Session {
             builder: ResourceBuilder::new(identity, shared.options.clone()),
-            view_node: view_node(&node),
             shared,
             id,
             node,
@@ -114,7 +112,7 @@ impl<W: Wire> Session<W> {
         if snapshot.version == UNPRIMED {
             return;
         }
-        let view = views::gateway_view(&snapshot.mesh, &self.view_node, &self.shared.view);
+        let view = views::gateway_view(&snapshot.mesh, &self.node, &self.shared.view);
         self.resources = Some(self.builder.resources(&view, &self.shared.invalid));
         self.mesh_version = snapshot.version;
         self.changed_at = snapshot.changed_at;

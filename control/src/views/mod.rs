@@ -2,21 +2,20 @@
 //! (`buildOutboundSniDnatClusters`) with the endpoints its EDS would send (`filterIstioEndpoint`), as
 //! crossgate resources, plus the diff against what the gateway already holds.
 
-mod diff;
 mod rules;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use crossgate_proto::{Cluster, Endpoint, Node, endpoint::Health};
+use crossgate_istio::labels::{
+    CLUSTER_LABEL, HOSTNAME_LABEL, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, TLS_MODE_LABEL, ZONE_LABEL,
+};
+use crossgate_istio::node::GatewayNode;
+use crossgate_proto::{Cluster, Endpoint, endpoint::Health};
 
-pub use diff::{Delta, cluster_version, diff};
 use rules::{RuleLookup, merge_policy};
 
 use crate::model::{ClusterModel, EndpointModel, MeshModel, Protocol, ServiceModel};
-
-/// The pod label that marks a workload able to take Istio mTLS.
-const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 /// The settings of the control plane a view depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +43,7 @@ impl Default for ViewOptions {
 /// subset of the DestinationRule the gateway sees for it. A hostname defined in several clusters is one
 /// service, its endpoints merged. Clusters without endpoints are kept, so that the gateway refuses their
 /// connections with UH, as Envoy does.
-pub fn gateway_view(mesh: &MeshModel, gateway: &Node, options: &ViewOptions) -> BTreeMap<String, Cluster> {
+pub fn gateway_view(mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) -> BTreeMap<String, Cluster> {
     let own_rules = mesh.clusters.get(&gateway.cluster_id).map_or(&[][..], |c| c.destination_rules.as_slice());
     let rules = RuleLookup::new(own_rules, options);
     let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
@@ -65,7 +64,7 @@ fn add_service(
     view: &mut BTreeMap<String, Cluster>,
     host: &str,
     instances: &[(&ClusterModel, &ServiceModel)],
-    gateway: &Node,
+    gateway: &GatewayNode,
     rules: &RuleLookup<'_>,
     options: &ViewOptions,
 ) {
@@ -127,7 +126,7 @@ impl<'a> Candidate<'a> {
         endpoint: &'a EndpointModel,
         cluster: &'a ClusterModel,
         service: &ServiceModel,
-        gateway: &Node,
+        gateway: &GatewayNode,
     ) -> Option<Self> {
         let view = &gateway.requested_network_view;
         // Istio always adds the undefined network to a requested view.
@@ -178,17 +177,17 @@ fn augment_labels(endpoint: &EndpointModel, cluster_id: &str) -> BTreeMap<String
     let mut parts = endpoint.locality.split('/');
     let (region, zone, subzone) = (parts.next(), parts.next(), parts.next());
     let topology = [
-        ("topology.kubernetes.io/region", region.unwrap_or_default()),
-        ("topology.kubernetes.io/zone", zone.unwrap_or_default()),
-        ("topology.istio.io/subzone", subzone.unwrap_or_default()),
-        ("topology.istio.io/cluster", cluster_id),
-        ("kubernetes.io/hostname", &endpoint.node_name),
+        (REGION_LABEL, region.unwrap_or_default()),
+        (ZONE_LABEL, zone.unwrap_or_default()),
+        (SUBZONE_LABEL, subzone.unwrap_or_default()),
+        (CLUSTER_LABEL, cluster_id),
+        (HOSTNAME_LABEL, &endpoint.node_name),
     ];
     for (key, value) in topology.into_iter().filter(|(_, value)| !value.is_empty()) {
         labels.insert(key.to_owned(), value.to_owned());
     }
     if !endpoint.network.is_empty() {
-        labels.entry("topology.istio.io/network".to_owned()).or_insert_with(|| endpoint.network.clone());
+        labels.entry(NETWORK_LABEL.to_owned()).or_insert_with(|| endpoint.network.clone());
     }
     labels
 }

@@ -46,8 +46,8 @@ fn mesh(clusters: Vec<ClusterModel>) -> MeshModel {
     MeshModel { clusters: clusters.into_iter().map(|c| (c.id.clone(), Arc::new(c))).collect() }
 }
 
-fn gateway(cluster_id: &str, network_view: &[&str]) -> Node {
-    Node {
+fn gateway(cluster_id: &str, network_view: &[&str]) -> GatewayNode {
+    GatewayNode {
         cluster_id: cluster_id.to_owned(),
         requested_network_view: network_view.iter().map(|n| (*n).to_owned()).collect(),
         ..Default::default()
@@ -72,7 +72,7 @@ fn versions_rule() -> DestinationRuleModel {
     }
 }
 
-fn view(mesh: &MeshModel, gateway: &Node) -> BTreeMap<String, Cluster> {
+fn view(mesh: &MeshModel, gateway: &GatewayNode) -> BTreeMap<String, Cluster> {
     gateway_view(mesh, gateway, &ViewOptions::default())
 }
 

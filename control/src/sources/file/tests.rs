@@ -1,6 +1,6 @@
 use std::time::Duration;
 
-use crossgate_proto::Node;
+use crossgate_istio::node::GatewayNode;
 
 use super::*;
 use crate::views::{ViewOptions, gateway_view};
@@ -204,7 +204,7 @@ fn the_shipped_mesh_loads_and_splits_by_network() {
     let v2 = &["127.0.0.1:19444"][..];
     let table = [("cluster1", "network1", [v1, v1, &[]]), ("cluster2", "network2", [v2, &[], v2])];
     for (cluster_id, network, expected) in table {
-        let gateway = Node {
+        let gateway = GatewayNode {
             cluster_id: cluster_id.to_owned(),
             requested_network_view: vec![network.to_owned()],
             ..Default::default()
