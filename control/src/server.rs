@@ -1,12 +1,14 @@
 //! The mesh versions the xDS server serves: every change of the source's model, debounced into numbered
 //! versions (see [`crate::ads`] for how each gateway is sent them).
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use crate::model::MeshModel;
+use crate::views;
 
 /// The version before the source has a mesh worth serving: a gateway that connects then waits (a reconnecting
 /// one keeps what it has) rather than being told the mesh is empty.
@@ -19,6 +21,16 @@ pub struct MeshVersion {
     pub version: u64,
     /// When the first change folded into this version arrived (for the event-to-ACK latency).
     pub changed_at: Instant,
+    /// The service hostnames changed since the previous version (`None`: anything may have; every view is
+    /// recomputed). See [`views::changed_hosts`].
+    pub changed_hosts: Option<Arc<BTreeSet<String>>>,
+}
+
+impl MeshVersion {
+    /// A version whose changes are not known: every view is recomputed.
+    pub fn whole(mesh: MeshModel, version: u64) -> Self {
+        MeshVersion { mesh, version, changed_at: Instant::now(), changed_hosts: None }
+    }
 }
 
 /// Turns every mesh change into versions at most one per `quiet` period of calm (or per `max_delay` under a
@@ -30,15 +42,15 @@ pub fn debounce(
     quiet: Duration,
     max_delay: Duration,
 ) -> watch::Receiver<Arc<MeshVersion>> {
-    let unprimed = MeshVersion { mesh: MeshModel::default(), version: UNPRIMED, changed_at: Instant::now() };
+    let unprimed = MeshVersion::whole(MeshModel::default(), UNPRIMED);
     let (versions, receiver) = watch::channel(Arc::new(unprimed));
     tokio::spawn(async move {
         if primed.wait_for(|primed| *primed).await.is_err() {
             return;
         }
         let mut version = 1;
-        let first = MeshVersion { mesh: input.borrow_and_update().clone(), version, changed_at: Instant::now() };
-        if versions.send(Arc::new(first)).is_err() {
+        let mut previous = input.borrow_and_update().clone();
+        if versions.send(Arc::new(MeshVersion::whole(previous.clone(), version))).is_err() {
             return;
         }
         while input.changed().await.is_ok() {
@@ -53,7 +65,9 @@ pub fn debounce(
             }
             version += 1;
             let mesh = input.borrow_and_update().clone();
-            if versions.send(Arc::new(MeshVersion { mesh, version, changed_at })).is_err() {
+            let changed_hosts = views::changed_hosts(&previous, &mesh).map(Arc::new);
+            previous = mesh.clone();
+            if versions.send(Arc::new(MeshVersion { mesh, version, changed_at, changed_hosts })).is_err() {
                 return;
             }
         }

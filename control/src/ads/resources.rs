@@ -2,7 +2,7 @@
 //! versioned from what it was built from (the compact cluster and the gateway's identity), never from the
 //! Envoy encoding, whose metadata maps are `HashMap`s encoded in a random order.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::hash::Hasher;
 use std::sync::{Arc, Mutex};
 
@@ -71,6 +71,20 @@ pub struct GatewayResources {
 impl GatewayResources {
     pub fn of(&self, kind: Kind) -> &BTreeMap<String, Versioned> {
         &self.by_kind[kind.index()]
+    }
+
+    fn insert(&mut self, name: &str, good: &Good) {
+        let versioned = |version: &String, resource: &Arc<Any>| Versioned {
+            version: version.clone(),
+            resource: Arc::clone(resource),
+        };
+        self.by_kind[Kind::Cluster.index()].insert(name.to_owned(), versioned(&good.cds_version, &good.cluster));
+        self.by_kind[Kind::Endpoint.index()].insert(name.to_owned(), versioned(&good.eds_version, &good.assignment));
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.by_kind[Kind::Cluster.index()].remove(name);
+        self.by_kind[Kind::Endpoint.index()].remove(name);
     }
 }
 
@@ -162,21 +176,28 @@ pub struct ResourceBuilder {
     options: AdsOptions,
     built: BTreeMap<String, Built>,
     listener: Option<(String, Arc<Any>)>,
+    /// What the gateway is served now.
+    current: GatewayResources,
 }
 
 impl ResourceBuilder {
     pub fn new(identity: GatewayIdentity, options: AdsOptions) -> Self {
         let salt = identity_salt(&identity, &options);
-        ResourceBuilder { identity, salt, options, built: BTreeMap::new(), listener: None }
+        ResourceBuilder { identity, salt, options, built: BTreeMap::new(), listener: None, current: Default::default() }
     }
 
-    /// The resources of a view (cluster name -> compact cluster); refused versions are reported, and left out
-    /// (see [`Built`]).
+    /// What the gateway is served now.
+    pub fn current(&self) -> &GatewayResources {
+        &self.current
+    }
+
+    /// The resources of a view (cluster name -> compact cluster), all of it looked at; refused versions are
+    /// reported, and left out (see [`Built`]).
     pub fn resources(
         &mut self,
         view: &BTreeMap<String, CompactCluster>,
         invalid: &InvalidClusters,
-    ) -> GatewayResources {
+    ) -> &GatewayResources {
         self.built.retain(|name, _| view.contains_key(name));
         for (name, compact) in view {
             let eds_version = self.version(b"eds", &compact.encode_to_vec());
@@ -187,23 +208,67 @@ impl ResourceBuilder {
             }
         }
         let mut resources = GatewayResources::default();
-        let mut chains = Vec::new();
         for (name, good) in self.built.iter().filter_map(|(name, built)| Some((name, built.good.as_ref()?))) {
-            let versioned = |version: &String, resource: &Arc<Any>| Versioned {
-                version: version.clone(),
-                resource: Arc::clone(resource),
-            };
-            resources.by_kind[Kind::Cluster.index()].insert(name.clone(), versioned(&good.cds_version, &good.cluster));
-            resources.by_kind[Kind::Endpoint.index()]
-                .insert(name.clone(), versioned(&good.eds_version, &good.assignment));
-            chains.push((good.cds_version.as_str(), &*good.chain));
+            resources.insert(name, good);
         }
+        self.current = resources;
+        self.refresh_listener();
+        &self.current
+    }
+
+    /// The resources after a change that touched only the clusters `changed` of `view`: the work is
+    /// proportional to the change, not to the view.
+    pub fn update(
+        &mut self,
+        view: &BTreeMap<String, CompactCluster>,
+        changed: &BTreeSet<String>,
+        invalid: &InvalidClusters,
+    ) -> &GatewayResources {
+        let mut chains_changed = false;
+        for name in changed {
+            let old_cds = self.built.get(name).and_then(|b| b.good.as_ref()).map(|g| g.cds_version.clone());
+            match view.get(name) {
+                None => {
+                    self.built.remove(name);
+                    self.current.remove(name);
+                }
+                Some(compact) => {
+                    let eds_version = self.version(b"eds", &compact.encode_to_vec());
+                    let previous = self.built.get(name);
+                    if previous.is_some_and(|b| b.seen == eds_version) {
+                        continue;
+                    }
+                    let built = self.build(compact, eds_version, previous, invalid);
+                    match &built.good {
+                        Some(good) => self.current.insert(name, good),
+                        None => self.current.remove(name),
+                    }
+                    self.built.insert(name.clone(), built);
+                }
+            }
+            let new_cds = self.built.get(name).and_then(|b| b.good.as_ref()).map(|g| g.cds_version.clone());
+            chains_changed |= old_cds != new_cds;
+        }
+        if chains_changed {
+            self.refresh_listener();
+        }
+        &self.current
+    }
+
+    /// The listener over every served cluster's chain.
+    fn refresh_listener(&mut self) {
+        let chains: Vec<(&str, &FilterChain)> = self
+            .built
+            .values()
+            .filter_map(|built| built.good.as_ref())
+            .map(|good| (good.cds_version.as_str(), &*good.chain))
+            .collect();
         let port = self.options.listener_port;
+        let listeners = &mut self.current.by_kind[Kind::Listener.index()];
+        listeners.clear();
         if let Some((version, listener)) = cached_listener(&mut self.listener, &self.salt, port, &chains) {
-            resources.by_kind[Kind::Listener.index()]
-                .insert(listener_name(port), Versioned { version, resource: listener });
+            listeners.insert(listener_name(port), Versioned { version, resource: listener });
         }
-        resources
     }
 
     fn build(
@@ -348,7 +413,7 @@ mod tests {
 
         let invalid = InvalidClusters::new();
         let mut builder = ResourceBuilder::new(identity("r1/z1"), AdsOptions::default());
-        let first = builder.resources(&view(&[before]), &invalid);
+        let first = builder.resources(&view(&[before]), &invalid).clone();
         let second = builder.resources(&view(&[after]), &invalid);
         for kind in [Kind::Cluster, Kind::Listener] {
             assert_eq!(first.of(kind), second.of(kind), "{kind:?}");
@@ -358,12 +423,35 @@ mod tests {
     }
 
     #[test]
+    fn an_update_of_the_changed_clusters_serves_what_a_whole_rebuild_would() {
+        let invalid = InvalidClusters::new();
+        let mut other = compact(&["10.0.1.1:5000"]);
+        other.name = "outbound_.5000_._.other.sample.svc.cluster.local".to_owned();
+        let before = view(&[compact(&["10.0.0.1:5000"]), other.clone()]);
+        let after = view(&[compact(&["10.0.0.2:5000"])]);
+        let mut kept = ResourceBuilder::new(identity("r1/z1"), AdsOptions::default());
+        kept.resources(&before, &invalid);
+        let changed: BTreeSet<String> = before.keys().cloned().collect();
+        let updated = kept.update(&after, &changed, &invalid).clone();
+        let whole = ResourceBuilder::new(identity("r1/z1"), AdsOptions::default()).resources(&after, &invalid).clone();
+        // Versions, not bytes: the encoding of Envoy's metadata maps is not ordered.
+        let versions = |resources: &GatewayResources, kind| {
+            resources.of(kind).iter().map(|(name, v)| (name.clone(), v.version.clone())).collect::<Vec<_>>()
+        };
+        for kind in Kind::ALL {
+            assert_eq!(versions(&updated, kind), versions(&whole, kind), "{kind:?}");
+        }
+        assert!(!updated.of(Kind::Cluster).contains_key(&other.name), "a removed cluster is gone");
+    }
+
+    #[test]
     fn versions_are_stable_and_cover_the_gateway() {
         let view = view(&[compact(&["10.0.0.1:5000"])]);
         let invalid = InvalidClusters::new();
         let versions = |locality: &str, port: u16| {
             let options = AdsOptions { listener_port: port, ..AdsOptions::default() };
-            let resources = ResourceBuilder::new(identity(locality), options).resources(&view, &invalid);
+            let mut builder = ResourceBuilder::new(identity(locality), options);
+            let resources = builder.resources(&view, &invalid);
             Kind::ALL.map(|kind| resources.of(kind).values().map(|v| v.version.clone()).collect::<Vec<_>>())
         };
         assert_eq!(versions("r1/z1", 15443), versions("r1/z1", 15443));
@@ -405,7 +493,7 @@ mod tests {
 
         // A cluster that turns invalid keeps its last good resources.
         let good = compact(&["10.0.0.1:5000"]);
-        let served = builder.resources(&view(std::slice::from_ref(&good)), &invalid);
+        let served = builder.resources(&view(std::slice::from_ref(&good)), &invalid).clone();
         let mut broken = good.clone();
         broken.endpoints.push(Endpoint { address: "10.0.0.2".to_owned(), ..Default::default() });
         let kept = builder.resources(&view(&[broken]), &invalid);

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::Shared;
-use super::resources::{GatewayResources, Kind, ResourceBuilder};
+use super::resources::{Kind, ResourceBuilder};
 use super::status::{AdsGatewayStatus, NackStatus};
 use super::subscription::{Answer, Outcome, TypeState};
 use super::wire::Wire;
@@ -25,8 +25,10 @@ pub(super) struct Session<W: Wire> {
     node: GatewayNode,
     builder: ResourceBuilder,
     types: [TypeState; 3],
-    /// `None` until the mesh is primed: nothing is pushed before.
-    resources: Option<GatewayResources>,
+    /// The gateway's view, kept between mesh versions so that a change recomputes only what it touches.
+    view: views::GatewayView,
+    /// False until the mesh is primed: nothing is pushed before.
+    primed: bool,
     mesh_version: u64,
     changed_at: Instant,
     nonces: u64,
@@ -61,7 +63,8 @@ impl<W: Wire> Session<W> {
             id,
             node,
             types: Kind::ALL.map(|_| TypeState::new(W::MODE)),
-            resources: None,
+            view: views::GatewayView::default(),
+            primed: false,
             mesh_version: UNPRIMED,
             changed_at: Instant::now(),
             nonces: 0,
@@ -112,8 +115,19 @@ impl<W: Wire> Session<W> {
         if snapshot.version == UNPRIMED {
             return;
         }
-        let view = views::gateway_view(&snapshot.mesh, &self.node, &self.shared.view);
-        self.resources = Some(self.builder.resources(&view, &self.shared.invalid));
+        let invalid = &self.shared.invalid;
+        // The next version, with its changed services known: only those are recomputed.
+        match &snapshot.changed_hosts {
+            Some(hosts) if self.primed && snapshot.version == self.mesh_version + 1 => {
+                let changed = self.view.update(&snapshot.mesh, &self.node, &self.shared.view, hosts);
+                self.builder.update(self.view.clusters(), &changed, invalid);
+            }
+            _ => {
+                self.view.rebuild(&snapshot.mesh, &self.node, &self.shared.view);
+                self.builder.resources(self.view.clusters(), invalid);
+            }
+        }
+        self.primed = true;
         self.mesh_version = snapshot.version;
         self.changed_at = snapshot.changed_at;
         self.types.iter_mut().for_each(TypeState::mark_dirty);
@@ -160,7 +174,10 @@ impl<W: Wire> Session<W> {
 
     /// The responses due now, in push order.
     fn pushes(&mut self) -> Vec<W::Response> {
-        let Some(resources) = &self.resources else { return Vec::new() };
+        if !self.primed {
+            return Vec::new();
+        }
+        let resources = self.builder.current();
         let (mut out, mut pushed_resources) = (Vec::new(), 0);
         for kind in Kind::ALL {
             let nonces = &mut self.nonces;

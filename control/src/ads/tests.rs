@@ -57,7 +57,7 @@ struct Harness {
 
 impl Harness {
     async fn start(mesh: MeshModel) -> Harness {
-        let (sender, versions) = watch::channel(Arc::new(MeshVersion { mesh, version: 1, changed_at: Instant::now() }));
+        let (sender, versions) = watch::channel(Arc::new(MeshVersion::whole(mesh, 1)));
         let server = AdsServer::new(versions, ViewOptions::default(), AdsOptions::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
@@ -71,9 +71,12 @@ impl Harness {
         Harness { address, server, mesh: sender }
     }
 
+    /// The next mesh version, with its changes relative to the current one, as the debounce publishes them.
     fn publish(&self, mesh: MeshModel) {
-        let version = self.mesh.borrow().version + 1;
-        self.mesh.send_replace(Arc::new(MeshVersion { mesh, version, changed_at: Instant::now() }));
+        let previous = Arc::clone(&self.mesh.borrow());
+        let changed_hosts = crate::views::changed_hosts(&previous.mesh, &mesh).map(Arc::new);
+        let version = previous.version + 1;
+        self.mesh.send_replace(Arc::new(MeshVersion { mesh, version, changed_at: Instant::now(), changed_hosts }));
     }
 
     async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
@@ -402,11 +405,7 @@ async fn a_stream_without_a_cluster_id_is_refused() {
 #[tokio::test]
 async fn nothing_is_pushed_before_the_mesh_is_primed() {
     let harness = Harness::start(MeshModel::default()).await;
-    harness.mesh.send_replace(Arc::new(MeshVersion {
-        mesh: MeshModel::default(),
-        version: crate::server::UNPRIMED,
-        changed_at: Instant::now(),
-    }));
+    harness.mesh.send_replace(Arc::new(MeshVersion::whole(MeshModel::default(), crate::server::UNPRIMED)));
     let mut stream = open_cds(&harness, &[]).await;
     stream.quiet().await;
     harness.publish(mesh(&["10.0.0.1"], true));

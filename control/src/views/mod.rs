@@ -4,7 +4,7 @@
 
 mod rules;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use crossgate_istio::labels::{
@@ -44,22 +44,130 @@ impl Default for ViewOptions {
 /// service, its endpoints merged. Clusters without endpoints are kept, so that the gateway refuses their
 /// connections with UH, as Envoy does.
 pub fn gateway_view(mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) -> BTreeMap<String, Cluster> {
-    let own_rules = mesh.clusters.get(&gateway.cluster_id).map_or(&[][..], |c| c.destination_rules.as_slice());
-    let rules = RuleLookup::new(own_rules, options);
-    let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
-    for cluster in mesh.clusters.values() {
-        for service in &cluster.services {
-            services.entry(&service.hostname).or_default().push((cluster, service));
-        }
-    }
-    let mut view = BTreeMap::new();
-    for (host, instances) in services {
-        add_service(&mut view, host, &instances, gateway, &rules, options);
-    }
-    view
+    let mut view = GatewayView::default();
+    view.rebuild(mesh, gateway, options);
+    view.clusters
 }
 
-/// Adds the clusters of one service hostname, defined in one or more clusters of the mesh.
+/// One gateway's view kept from one mesh version to the next, so that a change recomputes only the services it
+/// touches (see [`changed_hosts`]).
+#[derive(Debug, Default, Clone)]
+pub struct GatewayView {
+    clusters: BTreeMap<String, Cluster>,
+    /// Each service hostname's cluster names.
+    by_host: BTreeMap<String, Vec<String>>,
+}
+
+impl GatewayView {
+    pub fn clusters(&self) -> &BTreeMap<String, Cluster> {
+        &self.clusters
+    }
+
+    /// Computes the whole view.
+    pub fn rebuild(&mut self, mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) {
+        let rules = RuleLookup::new(own_rules(mesh, gateway), options);
+        let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
+        for cluster in mesh.clusters.values() {
+            for service in &cluster.services {
+                services.entry(&service.hostname).or_default().push((cluster, service));
+            }
+        }
+        self.clusters.clear();
+        self.by_host.clear();
+        for (host, instances) in services {
+            let names = add_service(&mut self.clusters, host, &instances, gateway, &rules, options);
+            self.by_host.insert(host.to_owned(), names);
+        }
+    }
+
+    /// Recomputes the clusters of the services `hosts` only; returns the names of the clusters added, changed
+    /// or removed. The mesh's other services must be as when the view was last computed.
+    pub fn update(
+        &mut self,
+        mesh: &MeshModel,
+        gateway: &GatewayNode,
+        options: &ViewOptions,
+        hosts: &BTreeSet<String>,
+    ) -> BTreeSet<String> {
+        let rules = RuleLookup::new(own_rules(mesh, gateway), options);
+        let mut touched = BTreeSet::new();
+        for host in hosts {
+            let mut before = BTreeMap::new();
+            for name in self.by_host.remove(host).unwrap_or_default() {
+                if let Some(cluster) = self.clusters.remove(&name) {
+                    before.insert(name, cluster);
+                }
+            }
+            // A scan of the services, not of their endpoints.
+            let instances: Vec<(&ClusterModel, &ServiceModel)> = mesh
+                .clusters
+                .values()
+                .flat_map(|cluster| {
+                    cluster.services.iter().filter(|s| s.hostname == *host).map(move |s| (&**cluster, s))
+                })
+                .collect();
+            if !instances.is_empty() {
+                let names = add_service(&mut self.clusters, host, &instances, gateway, &rules, options);
+                for name in &names {
+                    if before.remove(name).as_ref() != self.clusters.get(name) {
+                        touched.insert(name.clone());
+                    }
+                }
+                self.by_host.insert(host.clone(), names);
+            }
+            touched.extend(before.into_keys());
+        }
+        touched
+    }
+}
+
+/// The DestinationRules a gateway applies: those of its own cluster.
+fn own_rules<'m>(mesh: &'m MeshModel, gateway: &GatewayNode) -> &'m [crate::model::DestinationRuleModel] {
+    mesh.clusters.get(&gateway.cluster_id).map_or(&[][..], |c| c.destination_rules.as_slice())
+}
+
+/// The service hostnames whose clusters may differ between two meshes, in any gateway's view; `None` when
+/// every view must be recomputed (clusters came or went, or a cluster's network or DestinationRules changed).
+/// Clusters shared unchanged (the same `Arc`) cost nothing; a changed one costs a comparison of its services.
+pub fn changed_hosts(previous: &MeshModel, next: &MeshModel) -> Option<BTreeSet<String>> {
+    if previous.clusters.len() != next.clusters.len() {
+        return None;
+    }
+    let mut hosts = BTreeSet::new();
+    for (id, cluster) in &next.clusters {
+        let before = previous.clusters.get(id)?;
+        if std::sync::Arc::ptr_eq(before, cluster) {
+            continue;
+        }
+        if before.network != cluster.network || before.destination_rules != cluster.destination_rules {
+            return None;
+        }
+        let by_host = |c: &'_ ClusterModel| {
+            let mut map: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (i, s) in c.services.iter().enumerate() {
+                map.entry(s.hostname.clone()).or_default().push(i);
+            }
+            map
+        };
+        let (old, new) = (by_host(before), by_host(cluster));
+        for host in old.keys().chain(new.keys()) {
+            if services_of(before, &old, host) != services_of(cluster, &new, host) {
+                hosts.insert(host.clone());
+            }
+        }
+    }
+    Some(hosts)
+}
+
+fn services_of<'c>(
+    cluster: &'c ClusterModel,
+    index: &BTreeMap<String, Vec<usize>>,
+    host: &str,
+) -> Vec<&'c ServiceModel> {
+    index.get(host).into_iter().flatten().map(|i| &cluster.services[*i]).collect()
+}
+
+/// Adds the clusters of one service hostname, defined in one or more clusters of the mesh; returns their names.
 fn add_service(
     view: &mut BTreeMap<String, Cluster>,
     host: &str,
@@ -67,7 +175,7 @@ fn add_service(
     gateway: &GatewayNode,
     rules: &RuleLookup<'_>,
     options: &ViewOptions,
-) {
+) -> Vec<String> {
     let (_, service) = instances[0];
     let mut ports: Vec<u16> =
         instances.iter().flat_map(|(_, s)| &s.ports).filter(|p| p.protocol != Protocol::Udp).map(|p| p.port).collect();
@@ -89,6 +197,7 @@ fn add_service(
             .iter()
             .map(|s| (s.name.as_str(), Some(&s.labels), merge_policy(rule.traffic_policy, s.traffic_policy.as_ref())))
     });
+    let mut names = Vec::new();
     for (subset, labels, traffic_policy) in std::iter::once(default_subset).chain(subsets) {
         for &port in &ports {
             let endpoints = candidates
@@ -104,9 +213,11 @@ fn add_service(
                 traffic_policy: traffic_policy.clone(),
                 endpoints,
             };
+            names.push(name.clone());
             view.insert(name, cluster);
         }
     }
+    names
 }
 
 /// An endpoint of a service that passed the filters every cluster of it applies.

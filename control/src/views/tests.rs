@@ -389,3 +389,52 @@ fn cluster_local_hosts_are_recognised_by_domain() {
         assert_eq!(is_cluster_local(host, domain), expected, "{host} {domain}");
     }
 }
+
+#[test]
+fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
+    let reviews = || service("reviews", "sample", vec![endpoint("10.0.1.1", &[("version", "v1")])]);
+    let mut one = cluster("cluster1", vec![helloworld(vec![endpoint("10.0.0.1", &[("version", "v1")])]), reviews()]);
+    one.destination_rules = vec![versions_rule()];
+    let two = Arc::new(cluster("cluster2", vec![helloworld(vec![endpoint("10.1.0.1", &[("version", "v2")])])]));
+    let before = MeshModel {
+        clusters: [("cluster1".into(), Arc::new(one.clone())), ("cluster2".into(), Arc::clone(&two))].into(),
+    };
+    assert_eq!(changed_hosts(&before, &before), Some(BTreeSet::new()), "shared clusters cost nothing");
+
+    // One endpoint of helloworld in cluster1 changes: only helloworld is named.
+    let mut changed = one.clone();
+    changed.services[0].endpoints[0].ready = false;
+    let after = MeshModel { clusters: [("cluster1".into(), Arc::new(changed)), ("cluster2".into(), two)].into() };
+    let hosts = changed_hosts(&before, &after).unwrap();
+    assert_eq!(hosts, BTreeSet::from([HOST.to_owned()]));
+
+    // The view updated for that service alone equals the view computed whole; the changed clusters are named.
+    let gateway = gateway("cluster1", &[]);
+    let options = ViewOptions::default();
+    let mut kept = GatewayView::default();
+    kept.rebuild(&before, &gateway, &options);
+    let touched = kept.update(&after, &gateway, &options, &hosts);
+    assert_eq!(kept.clusters(), &view(&after, &gateway));
+    assert_eq!(touched, BTreeSet::from([key(5000, ""), key(5000, "v1")]), "v2 holds only cluster2's pod: unchanged");
+
+    // A DestinationRule change reaches every service: nothing is known, everything is recomputed.
+    let mut ruled = one;
+    ruled.destination_rules.clear();
+    let ruled = MeshModel {
+        clusters: [("cluster1".into(), Arc::new(ruled)), ("cluster2".into(), Arc::clone(&after.clusters["cluster2"]))]
+            .into(),
+    };
+    assert_eq!(changed_hosts(&after, &ruled), None);
+    // A service that goes away is named, and its clusters leave the view.
+    let mut gone = (*after.clusters["cluster1"]).clone();
+    gone.services.truncate(1);
+    let gone = MeshModel {
+        clusters: [("cluster1".into(), Arc::new(gone)), ("cluster2".into(), Arc::clone(&after.clusters["cluster2"]))]
+            .into(),
+    };
+    let hosts = changed_hosts(&after, &gone).unwrap();
+    assert_eq!(hosts, BTreeSet::from(["reviews.sample.svc.cluster.local".to_owned()]));
+    let touched = kept.update(&gone, &gateway, &options, &hosts);
+    assert_eq!(kept.clusters(), &view(&gone, &gateway));
+    assert_eq!(touched, BTreeSet::from(["outbound_.5000_._.reviews.sample.svc.cluster.local".to_owned()]));
+}
