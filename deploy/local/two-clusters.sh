@@ -42,7 +42,9 @@ usage: $0 [run]                  build, up, check 10, down
   metrics CLUSTER                the running gateway's /stats/prometheus
   down                           kill every process in the namespaces, delete them
 env: CG_RELEASE=1 builds with --release; CG_DRAIN_DURATION (default 1s) is the gateways' --drain-duration;
-     CG_KEEP_STATE=1 keeps the state directory of a plain run.
+     CG_KEEP_STATE=1 keeps the state directory of a plain run; CG_ENVOY="cluster2" (or "cluster1 cluster2") runs
+     a real Envoy (envoy on PATH) as those clusters' gateway, fed by the same control service from the bootstrap
+     of `crossgate-control bootstrap envoy`.
 EOF
 }
 
@@ -116,13 +118,14 @@ wait_for() {
     done
 }
 
-# http_get CLUSTER|inet ADDR PORT PATH: a plain HTTP/1.0 GET from inside the namespace, with bash alone.
+# http_get CLUSTER|inet ADDR PORT PATH: a plain HTTP/1.1 GET (Envoy refuses HTTP/1.0) from inside the namespace,
+# with bash alone.
 http_get() {
     local ns
     ns=$(ns_of "$1")
     # shellcheck disable=SC2016 # expanded by the inner bash
     timeout 5 ip netns exec "$ns" bash -c \
-        'exec 3<>"/dev/tcp/$1/$2" && printf "GET %s HTTP/1.0\r\n\r\n" "$3" >&3 && cat <&3' _ "$2" "$3" "$4"
+        'exec 3<>"/dev/tcp/$1/$2" && printf "GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n" "$3" "$1" >&3 && cat <&3' _ "$2" "$3" "$4"
 }
 
 answers_200() {
@@ -233,6 +236,10 @@ start_gateway() {
     local cluster=$1 generation=$2 n=${1#cluster}
     local offset=$((generation * 1000))
     echo "$generation" >"$STATE/gateway-$cluster.generation"
+    if [[ " ${CG_ENVOY:-} " == *" $cluster "* ]]; then
+        start_envoy "$cluster" "$generation" "$offset"
+        return
+    fi
     # One worker each: two gateways, a control service and the workloads share the machine.
     spawn "gateway-$cluster-$generation" "$cluster" "$BIN/crossgate-proxy" \
         --xds "http://$CONTROL_ADDR:15010" --cluster-id "$cluster" --network "network$n" \
@@ -243,6 +250,25 @@ start_gateway() {
     ln -sfn "gateway-$cluster-$generation" "$STATE/pids/gateway-$cluster"
     wait_for "gateway of $cluster ready" "gateway-$cluster-$generation" \
         answers_200 "$cluster" 127.0.0.1 $((15021 + offset)) /healthz/ready
+}
+
+# A real Envoy as the cluster's gateway: the same identity, ports and readiness as crossgate's, from the control
+# service's bootstrap (delta ADS; it learns the :15443 listener over LDS).
+start_envoy() {
+    local cluster=$1 generation=$2 offset=$3 n=${1#cluster}
+    local bootstrap="$STATE/envoy-$cluster-$generation.json"
+    command -v envoy >/dev/null || die "CG_ENVOY names $cluster, but envoy is not on PATH (benches/install-peers.sh)"
+    "$BIN/crossgate-control" bootstrap envoy --node-id "gateway-$cluster-$generation" --cluster-id "$cluster" \
+        --network "network$n" --requested-network-view "network$n" --xds "$CONTROL_ADDR:15010" \
+        --admin-port $((15000 + offset)) --status-port $((15021 + offset)) --metrics-port $((15090 + offset)) \
+        >"$bootstrap" || die "cannot write the Envoy bootstrap"
+    # A base id of its own per process: two Envoys on one machine must not share shared memory.
+    spawn "gateway-$cluster-$generation" "$cluster" envoy -c "$bootstrap" --concurrency 1 -l warning \
+        --base-id $((n * 100 + generation)) --drain-time-s 1
+    ln -sfn "gateway-$cluster-$generation" "$STATE/pids/gateway-$cluster"
+    wait_for "Envoy gateway of $cluster ready" "gateway-$cluster-$generation" \
+        answers_200 "$cluster" 127.0.0.1 $((15021 + offset)) /healthz/ready
+    echo "== gateway of $cluster: a real Envoy ($(envoy --version | grep -o 'version: [^ ]*')), fed by crossgate-control"
 }
 
 build() {

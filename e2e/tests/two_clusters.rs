@@ -135,6 +135,24 @@ fn the_script_calls_helloworld_in_both_clusters_and_cleans_up() {
 }
 
 #[test]
+fn a_real_envoy_can_be_cluster2s_gateway_on_the_same_control_service() {
+    let Some(bin) = namespaces_and_binaries("envoy") else { return };
+    if Command::new("envoy").arg("--version").output().is_err() {
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "envoy is not installed (benches/install-peers.sh)");
+        eprintln!("skipped: envoy is not on PATH");
+        return;
+    }
+    let output = Command::new("bash").arg(SCRIPT).env("CG_BIN_DIR", bin).env("CG_ENVOY", "cluster2").output().unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    println!("{report}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success());
+    // cluster1's client reaches cluster2's helloworld through the Envoy gateway, and its own through nothing.
+    assert_eq!(answers(&report, "cluster1"), 5, "{report}");
+    assert_eq!(answers(&report, "cluster2"), 5, "{report}");
+    assert!(report.contains("gateway of cluster2: a real Envoy"), "{report}");
+}
+
+#[test]
 fn with_cluster2_workloads_stopped_its_gateway_refuses_cleanly_and_cluster1_answers() {
     let Some(mesh) = Mesh::up("stopped") else { return };
     mesh.ok(&["stop-workloads", "cluster2"]);
