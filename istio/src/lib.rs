@@ -8,4 +8,5 @@ pub mod labels;
 pub mod locality_lb;
 pub mod node;
 pub mod policy;
+mod policy_error;
 pub mod sni;

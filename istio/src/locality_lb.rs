@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crossgate_proto::LocalityLoadBalancerSetting;
 
 use crate::labels::{Locality, NETWORK_LABEL};
-use crate::policy::{PolicyError, invalid};
+use crate::policy_error::{PolicyError, invalid};
 
 /// How `failoverPriority` treats `topology.istio.io/network` as its first key; the Istio releases differ.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

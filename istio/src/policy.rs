@@ -12,18 +12,8 @@ use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf;
 
 use crate::locality_lb::LocalitySettings;
-
-/// A traffic policy istiod would refuse, or one a passthrough gateway cannot honour; names the field.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct PolicyError {
-    pub field: &'static str,
-    pub reason: String,
-}
-
-pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> PolicyError {
-    PolicyError { field, reason: reason.into() }
-}
+pub use crate::policy_error::PolicyError;
+use crate::policy_error::invalid;
 
 /// Envoy's minimum ring size, which Istio keeps when `minimumRingSize` is unset.
 pub const DEFAULT_RING_SIZE: u64 = 1024;
