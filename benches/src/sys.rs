@@ -3,7 +3,7 @@
 
 use std::fs;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// /proc reports CPU times in USER_HZ, which is 100 on every Linux architecture.
 const TICKS_PER_SECOND: f64 = 100.0;
@@ -78,7 +78,7 @@ pub fn raise_nofile(want: u64) -> u64 {
 }
 
 /// The machine a report was measured on.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
