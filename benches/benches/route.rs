@@ -13,7 +13,8 @@ use crossgate_proto::{Cluster, Endpoint, Resources};
 use crossgate_proxy::discovery::file::envoy_resources;
 use crossgate_proxy::discovery::{ConfigStore, Update};
 use crossgate_proxy::metrics::Telemetry;
-use crossgate_proxy::route::{ClusterDefaults, SniKey};
+use crossgate_proxy::cluster::ClusterDefaults;
+use crossgate_proxy::route::SniKey;
 
 fn sni(i: usize) -> String {
     format!("outbound_.8080_.v{}_.service-{i}.namespace-{}.svc.cluster.local", i % 3, i % 97)

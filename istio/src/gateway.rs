@@ -95,7 +95,7 @@ pub fn build(
     }
     let (Some(key), Some(policy)) = (key, policy) else { return Err(errors) };
     let endpoints: Vec<ParsedEndpoint<'_>> = endpoints.into_iter().flatten().collect();
-    let (service_name, namespace) = service_identity(compact, key.host);
+    let (service_name, namespace) = service_identity(key.host, &compact.service_name, &compact.service_namespace);
     let arrangement = Arrangement::new(
         &endpoints.iter().map(ParsedEndpoint::lb).collect::<Vec<_>>(),
         gateway,
@@ -306,15 +306,16 @@ impl std::fmt::Display for WorkloadMetadata {
     }
 }
 
-/// The Service name and namespace: as configured, else from `<name>.<namespace>.svc...`.
-fn service_identity(compact: &CompactCluster, host: &str) -> (String, String) {
+/// The Service name and namespace of `host`: as configured (non-empty), else from `<name>.<namespace>.svc...`, as
+/// the gateway's metrics label them.
+pub fn service_identity(host: &str, configured_name: &str, configured_namespace: &str) -> (String, String) {
     let mut labels = host.split('.');
     let name = labels.next().unwrap_or_default();
     let namespace = labels.next().unwrap_or_default();
     let pick = |configured: &str, derived: &str| {
         if configured.is_empty() { derived.to_owned() } else { configured.to_owned() }
     };
-    (pick(&compact.service_name, name), pick(&compact.service_namespace, namespace))
+    (pick(configured_name, name), pick(configured_namespace, namespace))
 }
 
 fn envoy_cluster(

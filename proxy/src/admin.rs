@@ -124,11 +124,10 @@ pub fn config_dump(state: &AdminState) -> serde_json::Value {
         .into_iter()
         .map(|cluster| {
             let endpoints: Vec<_> = cluster
-                .lb
                 .hosts()
                 .iter()
-                .zip(&cluster.endpoints)
-                .map(|(host, info)| {
+                .map(|host| {
+                    let workload = &host.spec.workload;
                     json!({
                         "address": host.spec.address.to_string(),
                         "locality": host.spec.locality.to_string(),
@@ -138,25 +137,23 @@ pub fn config_dump(state: &AdminState) -> serde_json::Value {
                             Health::Unhealthy => "UNHEALTHY",
                             Health::Draining => "DRAINING",
                         },
-                        "cluster_id": info.workload.cluster,
-                        "workload_name": info.workload.name,
-                        "canonical_service": info.workload.canonical_service,
-                        "canonical_revision": info.workload.canonical_revision,
+                        "cluster_id": workload.cluster,
+                        "workload_name": workload.name,
+                        "canonical_service": workload.canonical_service,
+                        "canonical_revision": workload.canonical_revision,
                         "active_connections": host.state.active(),
                     })
                 })
                 .collect();
-            let settings = &cluster.settings;
+            let (settings, service) = (cluster.settings(), cluster.service());
             json!({
-                "name": &*cluster.name,
-                "service": { "host": cluster.host, "port": cluster.port, "subset": cluster.subset,
-                             "name": cluster.service_name, "namespace": cluster.service_namespace },
-                "lb": format!("{:?}", cluster.lb.settings()),
+                "name": cluster.name(),
+                "service": { "host": service.host, "port": service.port, "subset": service.subset,
+                             "name": service.name, "namespace": service.namespace },
+                "lb": format!("{:?}", cluster.lb_settings()),
                 "connect_timeout": humantime::format_duration(settings.connect_timeout).to_string(),
-                "idle_timeout": settings.idle_timeout.map(|d| humantime::format_duration(d).to_string()),
-                "max_connection_duration": settings.max_connection_duration.map(|d| humantime::format_duration(d).to_string()),
                 "max_connections": settings.max_connections,
-                "active_connections": cluster.active.load(Ordering::Relaxed),
+                "active_connections": cluster.open_connections(),
                 "endpoints": endpoints,
             })
         })

@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 
 use crate::admin::{self, AdminAddresses, AdminState, Port};
 use crate::balance::{Balancer, ConnectionBalance};
+use crate::cluster::ClusterDefaults;
 use crate::config::{ConfigError, GatewayConfig};
 use crate::discovery::ConfigStore;
 use crate::discovery::file::ResourcesFile;
@@ -18,7 +19,6 @@ use crate::discovery::xds::{Backoff, XdsClient, XdsSettings, XdsTls};
 use crate::drain::{self, ConnectionCount, Drain, DrainTiming, Phase};
 use crate::listener::{self, Limits, Passthrough, Routing, Shared};
 use crate::metrics::{ListenerMetrics, Telemetry};
-use crate::route::ClusterDefaults;
 use crossgate_istio::gateway::MeshDefaults;
 use crossgate_istio::node::GatewayNode;
 
@@ -257,15 +257,18 @@ fn xds_settings(config: &GatewayConfig, url: &str) -> anyhow::Result<XdsSettings
 }
 
 /// Un-ejects hosts whose ejection time is over and decays ejection multipliers (Envoy's outlier detection
-/// interval). It sleeps until the next cluster is due, or until the configuration changes: a thread woken for
-/// nothing can preempt a busy worker on a shared core, which showed in the 2-worker p99.9.
+/// interval). It sleeps until the next cluster is due: a thread woken for nothing can preempt a busy worker on a
+/// shared core, which showed in the 2-worker p99.9. A configuration change wakes it only while no cluster has
+/// outlier detection, so that the first one gets its schedule; a change does not make it visit every cluster.
+/// A cluster added later joins at the next sweep (within one interval), and until then un-ejects on its own
+/// traffic (each connection's report runs its sweep when due).
 async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
     let mut changes = store.changes();
     let terminated = drain.reached(Phase::Terminated);
     tokio::pin!(terminated);
     loop {
         let now = std::time::Instant::now();
-        let next = store.routes().iter().filter_map(|cluster| cluster.lb.tick(now)).min();
+        let next = store.routes().iter().filter_map(|cluster| cluster.tick(now)).min();
         let due = async {
             match next {
                 Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -274,7 +277,7 @@ async fn sweep_outliers(store: Arc<ConfigStore>, drain: Drain) {
         };
         tokio::select! {
             () = &mut terminated => return,
-            _ = changes.changed() => {}
+            _ = changes.changed(), if next.is_none() => {}
             () = due => {}
         }
     }

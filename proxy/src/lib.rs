@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod balance;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod drain;

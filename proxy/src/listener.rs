@@ -7,20 +7,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge};
+use metrics::Counter;
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::timeout;
 
 use crate::balance::{Balancer, LoadGuard, Placement};
+use crate::cluster::{Cluster, Lease};
 use crate::config::Keepalive;
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
-use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits, TunnelOutcome};
-use crate::lb::Outcome;
-use crate::metrics::{ListenerMetrics, RejectReason};
-use crate::route::RouteCluster;
+use crate::forward::{self, CopyMode, TunnelCounters, TunnelLimits, TunnelOutcome};
+use crate::metrics::{GaugeGuard, ListenerMetrics, RejectReason};
 use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};
 
 /// The first read's buffer; most hellos fit, post-quantum ones grow it once.
@@ -157,22 +156,6 @@ fn hand_over(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, placement
     });
 }
 
-/// Increments a gauge for as long as it lives.
-struct GaugeGuard(Gauge);
-
-impl GaugeGuard {
-    fn new(gauge: &Gauge) -> Self {
-        gauge.increment(1.0);
-        GaugeGuard(gauge.clone())
-    }
-}
-
-impl Drop for GaugeGuard {
-    fn drop(&mut self) {
-        self.0.decrement(1.0);
-    }
-}
-
 /// One downstream connection, from accept to close. Everything before the tunnel (hello, route, connect) runs
 /// in a boxed future, freed once the tunnel starts: an open tunnel's task then holds little more than the
 /// tunnel itself, which is what tens of thousands of idle tunnels cost.
@@ -219,24 +202,21 @@ struct Upstream<'s> {
 }
 
 enum UpstreamRoute<'s> {
-    Cluster {
-        slot: ClusterSlot,
-        endpoint: usize,
-        address: SocketAddr,
-        /// The host's open-connection count (LEAST_REQUEST), held until the tunnel ends.
-        _picked: crate::lb::Picked,
-        _active: GaugeGuard,
-    },
+    Cluster { lease: Lease, limits: ChainLimits },
     Passthrough(&'s Passthrough),
+}
+
+/// The time limits of the filter chain a connection matched.
+#[derive(Debug, Clone, Copy)]
+struct ChainLimits {
+    idle_timeout: Option<Duration>,
+    max_duration: Option<Duration>,
 }
 
 impl Upstream<'_> {
     fn counters(&self) -> TunnelCounters<'_> {
         match &self.route {
-            UpstreamRoute::Cluster { slot, endpoint, .. } => {
-                let metrics = slot.0.endpoint_metrics(*endpoint);
-                TunnelCounters { request: &metrics.received_bytes, response: &metrics.sent_bytes }
-            }
+            UpstreamRoute::Cluster { lease, .. } => lease.counters(),
             UpstreamRoute::Passthrough(passthrough) => {
                 TunnelCounters { request: &passthrough.request_bytes, response: &passthrough.response_bytes }
             }
@@ -245,11 +225,9 @@ impl Upstream<'_> {
 
     fn limits(&self, copy: CopyMode) -> TunnelLimits {
         match &self.route {
-            UpstreamRoute::Cluster { slot, .. } => TunnelLimits {
-                idle_timeout: slot.0.settings.idle_timeout,
-                max_duration: slot.0.settings.max_connection_duration,
-                copy,
-            },
+            UpstreamRoute::Cluster { limits, .. } => {
+                TunnelLimits { idle_timeout: limits.idle_timeout, max_duration: limits.max_duration, copy }
+            }
             UpstreamRoute::Passthrough(passthrough) => {
                 TunnelLimits { idle_timeout: passthrough.idle_timeout, max_duration: None, copy }
             }
@@ -258,23 +236,11 @@ impl Upstream<'_> {
 
     /// The tunnel's end, for outlier detection and the cluster's metrics.
     fn closed(self, outcome: TunnelOutcome, peer: SocketAddr) {
-        let UpstreamRoute::Cluster { slot, endpoint, address, .. } = self.route else { return };
-        let cluster = &slot.0;
-        upstream_closed(cluster, endpoint, outcome);
-        tracing::debug!(%peer, cluster = %cluster.name, upstream = %address, end = ?outcome.end, "tunnel closed");
+        let UpstreamRoute::Cluster { lease, .. } = self.route else { return };
+        let (cluster, upstream) = (lease.cluster().name().to_owned(), lease.address());
+        lease.finish(outcome);
+        tracing::debug!(%peer, %cluster, %upstream, end = ?outcome.end, "tunnel closed");
     }
-}
-
-fn upstream_closed(cluster: &RouteCluster, endpoint: usize, outcome: TunnelOutcome) {
-    if outcome.end == TunnelEnd::UpstreamReset && outcome.response_bytes == 0 {
-        cluster.lb.report(endpoint, Outcome::Reset, std::time::Instant::now());
-    }
-    match outcome.end {
-        TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
-        TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
-        _ => {}
-    }
-    cluster.endpoint_metrics(endpoint).connections_closed.increment(1);
 }
 
 /// Reads the ClientHello, routes it, connects upstream and passes the hello on. `None`: nothing to tunnel,
@@ -287,7 +253,7 @@ async fn open_upstream<'s>(
 ) -> Result<Option<Upstream<'s>>, RejectReason> {
     let mut hello_bytes = Vec::with_capacity(INITIAL_HELLO_BUFFER);
     let route_hello = |hello: &ClientHello<'_>| match &shared.routing {
-        Routing::Sni(store) => route(hello, store).map(Destination::Cluster),
+        Routing::Sni(store) => route(hello, store).map(|(cluster, limits)| Destination::Cluster(cluster, limits)),
         Routing::Passthrough(passthrough) => Ok(Destination::Passthrough(passthrough)),
     };
     let destination = tokio::select! {
@@ -297,14 +263,17 @@ async fn open_upstream<'s>(
         () = shared.drain.terminated() => return Ok(None),
     };
     match destination {
-        Destination::Cluster(cluster) => connect_cluster(cluster, peer, &hello_bytes, shared).await,
+        Destination::Cluster(cluster, limits) => {
+            let opened = cluster.open(peer, shared.limits.connect_attempts, &hello_bytes).await?;
+            Ok(opened.map(|(stream, lease)| Upstream { stream, route: UpstreamRoute::Cluster { lease, limits } }))
+        }
         Destination::Passthrough(passthrough) => connect_passthrough(passthrough, &hello_bytes, shared).await,
     }
 }
 
 /// Where a routed hello goes.
 enum Destination<'s> {
-    Cluster(Arc<RouteCluster>),
+    Cluster(Arc<Cluster>, ChainLimits),
     Passthrough(&'s Passthrough),
 }
 
@@ -367,63 +336,16 @@ async fn read_hello<T>(
 
 /// The cluster the hello asks for, as Envoy's AUTO_PASSTHROUGH filter chains match: the SNI names a known
 /// cluster and the client offers one of Istio's mTLS ALPNs.
-fn route(hello: &ClientHello<'_>, store: &ConfigStore) -> Result<Arc<RouteCluster>, RejectReason> {
+fn route(hello: &ClientHello<'_>, store: &ConfigStore) -> Result<(Arc<Cluster>, ChainLimits), RejectReason> {
     let sni = hello.server_name().ok_or(RejectReason::NoSni)?;
     let routes = store.routes();
-    let cluster = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
-    if !cluster.accepts_alpn(hello.alpn_protocols()) {
+    let route = routes.get(sni).ok_or(RejectReason::UnknownSni)?;
+    if !route.accepts_alpn(hello.alpn_protocols()) {
         return Err(RejectReason::AlpnMismatch);
     }
-    Ok(Arc::clone(cluster))
-}
-
-/// Holds one slot of a cluster's connection limit, and the cluster.
-struct ClusterSlot(Arc<RouteCluster>);
-
-impl ClusterSlot {
-    fn take(cluster: Arc<RouteCluster>) -> Result<Self, RejectReason> {
-        use std::sync::atomic::Ordering;
-        let open = cluster.active.fetch_add(1, Ordering::AcqRel);
-        let slot = ClusterSlot(cluster);
-        if open < slot.0.settings.max_connections {
-            Ok(slot)
-        } else {
-            slot.0.metrics.upstream_cx_overflow.increment(1);
-            slot.0.record_refused(RejectReason::UpstreamOverflow);
-            Err(RejectReason::UpstreamOverflow)
-        }
-    }
-}
-
-impl Drop for ClusterSlot {
-    fn drop(&mut self) {
-        self.0.active.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-/// Takes a slot of the cluster's connection limit, connects to one of its endpoints and gives it the hello.
-async fn connect_cluster<'s>(
-    cluster: Arc<RouteCluster>,
-    peer: SocketAddr,
-    hello_bytes: &[u8],
-    shared: &Shared,
-) -> Result<Option<Upstream<'s>>, RejectReason> {
-    let slot = ClusterSlot::take(cluster)?;
-    let cluster = &slot.0;
-    let connected = forward::connect(cluster, peer, shared.limits.connect_attempts).await.inspect_err(|&reason| {
-        cluster.record_refused(reason);
-    })?;
-    let endpoint = cluster.endpoint_metrics(connected.endpoint);
-    endpoint.connections_opened.increment(1);
-    let _active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
-    let forward::Connected { mut stream, endpoint: index, address, picked } = connected;
-    if stream.write_all(hello_bytes).await.is_err() {
-        upstream_closed(cluster, index, TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 });
-        return Ok(None);
-    }
-    endpoint.received_bytes.increment(hello_bytes.len() as u64);
-    let route = UpstreamRoute::Cluster { slot, endpoint: index, address, _picked: picked, _active };
-    Ok(Some(Upstream { stream, route }))
+    // A chain whose cluster the configuration lacks routes nowhere, as an unknown name.
+    let cluster = route.cluster().ok_or(RejectReason::UnknownSni)?;
+    Ok((cluster, ChainLimits { idle_timeout: route.idle_timeout, max_duration: route.max_connection_duration }))
 }
 
 #[cfg(test)]

@@ -5,10 +5,13 @@
 //! (`istio.stats`, `TypedStruct`), HTTP chains, transport sockets, non-EDS clusters. Each reader validates as
 //! Envoy does and names the field at fault.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
-use crossgate_istio::gateway::{ISTIO_METADATA, TCP_PROXY_FILTER, WORKLOAD_KEY, WorkloadMetadata};
+use crossgate_istio::gateway::{ISTIO_METADATA, TCP_PROXY_FILTER, WORKLOAD_KEY, WorkloadMetadata, service_identity};
+use crossgate_istio::sni::SniKey;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, common_lb_config};
 use envoy_types::pb::envoy::config::core::v3::{HealthStatus, address, socket_address};
@@ -95,10 +98,13 @@ pub fn read_listener(listener: &Listener) -> Result<Vec<ChainSpec>, Invalid> {
     Ok(chains)
 }
 
-/// Istio's service of an sni-dnat cluster, from its `istio` metadata (for the destination_service labels).
+/// Istio's service of an sni-dnat cluster, for the destination_service labels: the host, port and subset of its
+/// name (`outbound_.PORT_.SUBSET_.HOST`), the Service's name and namespace from its `istio` metadata or the host.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceSpec {
     pub host: String,
+    pub port: u16,
+    pub subset: String,
     pub name: String,
     pub namespace: String,
 }
@@ -173,7 +179,7 @@ pub fn read_cluster(cluster: &Cluster) -> Result<Option<ClusterSpec>, Invalid> {
     }))
 }
 
-/// The first of `metadata.filter_metadata.istio.services`.
+/// The cluster's service: the first of `metadata.filter_metadata.istio.services`, completed from its name.
 fn service_metadata(cluster: &Cluster) -> ServiceSpec {
     let istio = cluster.metadata.as_ref().and_then(|m| m.filter_metadata.get(ISTIO_METADATA));
     let first = istio.and_then(|s| s.fields.get("services")).and_then(|v| match &v.kind {
@@ -184,18 +190,21 @@ fn service_metadata(cluster: &Cluster) -> ServiceSpec {
         Some(Kind::StructValue(s)) => s.fields.get(key),
         _ => None,
     }) {
-        Some(protobuf::Value { kind: Some(Kind::StringValue(s)) }) => s.clone(),
-        _ => String::new(),
+        Some(protobuf::Value { kind: Some(Kind::StringValue(s)) }) => s.as_str(),
+        _ => "",
     };
-    ServiceSpec { host: field("host"), name: field("name"), namespace: field("namespace") }
+    let (host, port, subset) = match SniKey::parse(&cluster.name) {
+        Ok(key) => (key.host.to_owned(), key.port, key.subset.to_owned()),
+        Err(_) => (field("host").to_owned(), 0, String::new()),
+    };
+    let (name, namespace) = service_identity(&host, field("name"), field("namespace"));
+    ServiceSpec { host, port, subset, name, namespace }
 }
 
 /// The hosts of an assignment, in its order, and how they are arranged.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AssignmentSpec {
     pub endpoints: Vec<EndpointSpec>,
-    /// Parallel to `endpoints`: Istio's `istio.workload` metadata, for the destination labels.
-    pub workloads: Vec<WorkloadMetadata>,
     /// By priority, then locality; indices into `endpoints`. Draining hosts are in no group.
     pub priorities: Vec<Vec<Group>>,
     pub overprovisioning_factor: u32,
@@ -216,9 +225,10 @@ impl AssignmentSpec {
 /// addresses only, the first of duplicate addresses wins, DRAINING hosts take no part.
 pub fn read_assignment(assignment: &ClusterLoadAssignment) -> Result<AssignmentSpec, Invalid> {
     let mut endpoints = Vec::new();
-    let mut workloads = Vec::new();
     let mut priorities: Vec<Vec<Group>> = Vec::new();
     let mut seen = std::collections::HashSet::new();
+    // The pods of one workload share their metadata: one copy each.
+    let mut workloads: HashMap<&str, Arc<WorkloadMetadata>> = HashMap::new();
     for (g, locality_endpoints) in assignment.endpoints.iter().enumerate() {
         let field = |name: &str| format!("endpoints[{g}].{name}");
         if locality_endpoints.priority > MAX_PRIORITY {
@@ -229,11 +239,11 @@ pub fn read_assignment(assignment: &ClusterLoadAssignment) -> Result<AssignmentS
             Some(w) => u64::from(w.value),
             None => 0,
         };
-        let locality = locality_endpoints.locality.as_ref().map_or_else(Locality::default, |l| Locality {
+        let locality = Arc::new(locality_endpoints.locality.as_ref().map_or_else(Locality::default, |l| Locality {
             region: l.region.clone(),
             zone: l.zone.clone(),
             subzone: l.sub_zone.clone(),
-        });
+        }));
         let mut members = Vec::new();
         for (e, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{g}].lb_endpoints[{e}].{name}");
@@ -258,21 +268,23 @@ pub fn read_assignment(assignment: &ClusterLoadAssignment) -> Result<AssignmentS
             if health != Health::Draining {
                 members.push(endpoints.len());
             }
-            endpoints.push(EndpointSpec { address, locality: locality.clone(), weight, health });
-            workloads.push(workload_metadata(lb_endpoint));
+            let workload = workload_metadata(lb_endpoint);
+            let workload =
+                Arc::clone(workloads.entry(workload).or_insert_with(|| Arc::new(WorkloadMetadata::parse(workload))));
+            endpoints.push(EndpointSpec { address, locality: Arc::clone(&locality), weight, health, workload });
         }
         let priority = locality_endpoints.priority as usize;
         if priorities.len() <= priority {
             priorities.resize_with(priority + 1, Vec::new);
         }
-        priorities[priority].push(Group { locality, weight, members });
+        priorities[priority].push(Group { locality: Locality::clone(&locality), weight, members });
     }
     let overprovisioning_factor = assignment
         .policy
         .as_ref()
         .and_then(|p| p.overprovisioning_factor)
         .map_or(DEFAULT_OVERPROVISIONING_FACTOR, |f| f.value);
-    Ok(AssignmentSpec { endpoints, workloads, priorities, overprovisioning_factor })
+    Ok(AssignmentSpec { endpoints, priorities, overprovisioning_factor })
 }
 
 fn endpoint_address(
@@ -294,15 +306,16 @@ fn endpoint_address(
     }
 }
 
-fn workload_metadata(lb_endpoint: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint) -> WorkloadMetadata {
+/// The endpoint's `istio.workload` text (`name;namespace;canonical-service;revision;cluster`), empty if none.
+fn workload_metadata(lb_endpoint: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint) -> &str {
     let value = lb_endpoint
         .metadata
         .as_ref()
         .and_then(|m| m.filter_metadata.get(ISTIO_METADATA))
         .and_then(|s| s.fields.get(WORKLOAD_KEY));
     match value.and_then(|v| v.kind.as_ref()) {
-        Some(Kind::StringValue(text)) => WorkloadMetadata::parse(text),
-        _ => WorkloadMetadata::default(),
+        Some(Kind::StringValue(text)) => text,
+        _ => "",
     }
 }
 
@@ -312,10 +325,10 @@ fn workload_metadata(lb_endpoint: &envoy_types::pb::envoy::config::endpoint::v3:
 pub struct EnvoyState {
     /// The sni-dnat listener's name and filter chains.
     pub listener_name: String,
-    pub chains: std::sync::Arc<Vec<ChainSpec>>,
+    pub chains: Vec<Arc<ChainSpec>>,
     /// EDS clusters by name (other clusters are ignored).
-    pub clusters: std::collections::HashMap<String, std::sync::Arc<ClusterSpec>>,
-    pub assignments: std::collections::HashMap<String, std::sync::Arc<AssignmentSpec>>,
+    pub clusters: HashMap<String, Arc<ClusterSpec>>,
+    pub assignments: HashMap<String, Arc<AssignmentSpec>>,
     /// Whether a listener update has been accepted (readiness waits for one, as Envoy's initial fetch does).
     pub listener_received: bool,
 }

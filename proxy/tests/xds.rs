@@ -148,7 +148,7 @@ async fn the_gateway_follows_what_istiod_would_send() {
     let unsubscribe = ads.request_of::<ClusterLoadAssignment>().await;
     assert_eq!(unsubscribe.resource_names_unsubscribe, [SNI]);
     eventually(WITHIN, "the removed cluster is not routed", || async {
-        gateway.handle.store.routes().get(SNI).is_none()
+        gateway.handle.store.routes().cluster(SNI).is_none()
     })
     .await;
 }
@@ -171,9 +171,9 @@ async fn one_bad_cluster_is_refused_by_name_and_the_others_apply() {
     let nack = ads.answer(&nonce).await.expect_err("the bad cluster is NACKed");
     assert!(nack.contains(OTHER) && !nack.contains(SNI), "{nack}");
     let routes = gateway.handle.store.routes();
-    assert_eq!(routes.get(SNI).unwrap().settings.connect_timeout, Duration::from_secs(3), "the good one applied");
+    assert_eq!(routes.cluster(SNI).unwrap().settings().connect_timeout, Duration::from_secs(3), "the good one applied");
     assert_eq!(
-        routes.get(OTHER).unwrap().lb.settings().policy.name(),
+        routes.cluster(OTHER).unwrap().lb_settings().policy.name(),
         "LEAST_REQUEST",
         "the bad one kept its last version"
     );
@@ -215,6 +215,6 @@ async fn a_response_that_does_not_decode_is_refused_whole() {
     let nonce = ads.push_raw(garbage);
     let nack = ads.answer(&nonce).await.expect_err("NACKed");
     assert!(nack.contains("garbage"), "{nack}");
-    assert!(gateway.handle.store.routes().get(OTHER).is_none(), "nothing of it applied");
+    assert!(gateway.handle.store.routes().cluster(OTHER).is_none(), "nothing of it applied");
     assert_eq!(mesh.tunnel(gateway.listen).await.1, "kept");
 }

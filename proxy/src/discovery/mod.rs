@@ -17,9 +17,10 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use tokio::sync::watch;
 
+use crate::cluster::ClusterDefaults;
 use crate::metrics::{ConfigMetrics, Telemetry};
 use crate::resources::{self, EnvoyState};
-use crate::route::{ClusterDefaults, RouteTable};
+use crate::route::{Clusters, RouteTable};
 
 /// A resource refused by name, and why: what a NACK carries. Its last good version stays in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,6 +46,24 @@ impl<T> Default for Update<T> {
     }
 }
 
+/// What changed in one update, and so what to rebuild.
+enum Change {
+    /// The listener's chains (the clusters are as they were).
+    Chains,
+    /// These clusters or their assignments.
+    Clusters(HashSet<String>),
+    /// Everything (a static file replaced).
+    All,
+}
+
+/// The configuration in force and what is counted of it.
+#[derive(Debug, Default)]
+struct Applied {
+    envoy: EnvoyState,
+    /// Hosts in the routed clusters (kept up to date per change rather than summed over the mesh).
+    endpoints: usize,
+}
+
 /// The current route snapshot, and how updates reach it.
 #[derive(Debug)]
 pub struct ConfigStore {
@@ -55,7 +74,7 @@ pub struct ConfigStore {
     telemetry: Arc<Telemetry>,
     metrics: ConfigMetrics,
     /// The accepted configuration; also serialises updates, so that each starts from the state it replaces.
-    state: Mutex<EnvoyState>,
+    state: Mutex<Applied>,
     /// How many times a listener has been accepted: 0 until the first (the gateway is not ready before).
     accepted: watch::Sender<u64>,
 }
@@ -88,11 +107,12 @@ impl ConfigStore {
                 continue;
             }
             match resources::read_listener(listener) {
-                Ok(read) => ours = Some((name.clone(), Arc::new(read))),
+                Ok(read) => ours = Some((name.clone(), read.into_iter().map(Arc::new).collect())),
                 Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
             }
         }
-        let mut state = self.lock();
+        let mut applied = self.lock();
+        let state = &mut applied.envoy;
         state.listener_received |= rejected.is_empty();
         let gone = if update.complete {
             ours.is_none() && rejected.is_empty()
@@ -100,14 +120,14 @@ impl ConfigStore {
             update.removed.contains(&state.listener_name)
         };
         if gone {
-            state.chains = Arc::default();
+            state.chains = Vec::new();
             state.listener_name.clear();
         }
         if let Some((name, chains)) = ours {
             state.listener_name = name;
             state.chains = chains;
         }
-        self.publish(&state, &HashSet::new(), &rejected);
+        self.publish(&mut applied, Change::Chains, &rejected);
         rejected
     }
 
@@ -115,7 +135,8 @@ impl ConfigStore {
     /// their last good version.
     pub fn apply_clusters(&self, update: Update<Cluster>) -> Vec<Rejected> {
         let mut rejected = Vec::new();
-        let mut state = self.lock();
+        let mut applied = self.lock();
+        let state = &mut applied.envoy;
         let mut changed = HashSet::new();
         let mut present = HashSet::new();
         for (name, cluster) in &update.resources {
@@ -145,14 +166,15 @@ impl ConfigStore {
                 changed.insert(name);
             }
         }
-        self.publish(&state, &changed, &rejected);
+        self.publish(&mut applied, Change::Clusters(changed), &rejected);
         rejected
     }
 
     /// Applies assignments one by one, as Envoy's EDS does.
     pub fn apply_assignments(&self, update: Update<ClusterLoadAssignment>) -> Vec<Rejected> {
         let mut rejected = Vec::new();
-        let mut state = self.lock();
+        let mut applied = self.lock();
+        let state = &mut applied.envoy;
         let mut changed = HashSet::new();
         for (name, assignment) in &update.resources {
             match resources::read_assignment(assignment) {
@@ -168,7 +190,7 @@ impl ConfigStore {
                 changed.insert(name.clone());
             }
         }
-        self.publish(&state, &changed, &rejected);
+        self.publish(&mut applied, Change::Clusters(changed), &rejected);
         rejected
     }
 
@@ -184,7 +206,7 @@ impl ConfigStore {
         let mut rejected = Vec::new();
         match resources::read_listener(&listener) {
             Ok(chains) => {
-                next.chains = Arc::new(chains);
+                next.chains = chains.into_iter().map(Arc::new).collect();
                 next.listener_name = listener.name.clone();
             }
             Err(e) => rejected.push(Rejected { name: listener.name.clone(), reason: e.to_string() }),
@@ -209,11 +231,10 @@ impl ConfigStore {
         if !rejected.is_empty() {
             return Err(rejected);
         }
-        let mut state = self.lock();
-        let changed: HashSet<String> = next.clusters.keys().cloned().collect();
+        let mut applied = self.lock();
         next.listener_received = true;
-        *state = next;
-        self.publish(&state, &changed, &[]);
+        applied.envoy = next;
+        self.publish(&mut applied, Change::All, &[]);
         Ok(())
     }
 
@@ -222,29 +243,53 @@ impl ConfigStore {
         self.metrics.rejected.increment(1);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, EnvoyState> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Applied> {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Builds and swaps in the snapshot of `state`, rebuilding the clusters in `changed`.
-    fn publish(&self, state: &EnvoyState, changed: &HashSet<String>, rejected: &[Rejected]) {
-        let previous = self.routes.load_full();
-        let table = RouteTable::rebuild(&previous, state, changed, &self.defaults, &self.telemetry);
+    /// Brings the route table to `applied`: a new table when the chains change, else only the changed clusters
+    /// rebuilt in place.
+    fn publish(&self, applied: &mut Applied, change: Change, rejected: &[Rejected]) {
+        let state = &applied.envoy;
+        let (defaults, telemetry) = (&self.defaults, &self.telemetry);
+        match change {
+            Change::Chains | Change::All => {
+                let clusters = if matches!(change, Change::All) { Clusters::Rebuild } else { Clusters::Keep };
+                let table = RouteTable::new(&self.routes.load(), state, clusters, defaults, telemetry);
+                applied.endpoints = table.endpoint_count();
+                self.routes.store(Arc::new(table));
+            }
+            Change::Clusters(changed) => {
+                let table = self.routes.load();
+                for name in &changed {
+                    if let Some((before, after)) = table.update(name, state, defaults, telemetry) {
+                        applied.endpoints = applied.endpoints - before + after;
+                    }
+                }
+            }
+        }
         self.metrics.clusters.set(state.clusters.len() as f64);
-        self.metrics.endpoints.set(table.endpoint_count() as f64);
-        self.routes.store(Arc::new(table));
+        self.metrics.endpoints.set(applied.endpoints as f64);
         if rejected.is_empty() {
             self.metrics.accepted.increment(1);
         } else {
             self.metrics.rejected.increment(1);
         }
         // Envoy's initial fetch: ready once a listener is accepted and every EDS cluster has had its assignment
-        // (until then Envoy keeps the cluster warming).
-        let warm = state.clusters.keys().all(|name| state.assignments.contains_key(name));
-        if self.is_loaded() || (state.listener_received && warm) {
-            // Also wakes whoever follows changes (the outlier sweep).
-            self.accepted.send_modify(|accepted| *accepted += 1);
+        // (until then Envoy keeps the cluster warming). Checked until then only: it walks every cluster.
+        if !self.is_loaded() {
+            let warm = state.clusters.keys().all(|name| state.assignments.contains_key(name));
+            if !(state.listener_received && warm) {
+                return;
+            }
         }
+        // Also wakes whoever follows changes.
+        self.accepted.send_modify(|accepted| *accepted += 1);
+    }
+
+    /// Hosts in the routed clusters, as the `crossgate_config_endpoints` gauge says.
+    pub fn applied_endpoints(&self) -> usize {
+        self.lock().endpoints
     }
 
     /// True once the initial configuration is in: a listener, and an assignment for every cluster.
@@ -270,5 +315,89 @@ fn listener_port(listener: &Listener) -> Option<u16> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crossgate_istio::gateway::MeshDefaults;
+    use crossgate_istio::locality_lb::GatewayIdentity;
+    use crossgate_proto::{Endpoint, Resources};
+
+    fn sni(i: usize) -> String {
+        format!("outbound_.8080_._.service-{i}.default.svc.cluster.local")
+    }
+
+    fn resources(endpoints: &[&[&str]]) -> Resources {
+        let cluster = |(i, addresses): (usize, &&[&str])| crossgate_proto::Cluster {
+            name: sni(i),
+            endpoints: addresses.iter().map(|a| Endpoint { address: (*a).to_owned(), ..Default::default() }).collect(),
+            ..Default::default()
+        };
+        Resources { clusters: endpoints.iter().enumerate().map(cluster).collect() }
+    }
+
+    fn store(endpoints: &[&[&str]]) -> ConfigStore {
+        let envoy = file::envoy_resources(&resources(endpoints), &GatewayIdentity::default(), &MeshDefaults::default())
+            .unwrap();
+        let store = ConfigStore::new(ClusterDefaults::default(), 15443, Arc::default(), "test");
+        store.replace(envoy.listener, envoy.clusters, envoy.assignments).unwrap();
+        store
+    }
+
+    fn assignment(endpoints: &[&[&str]], index: usize) -> (String, ClusterLoadAssignment) {
+        let envoy = file::envoy_resources(&resources(endpoints), &GatewayIdentity::default(), &MeshDefaults::default())
+            .unwrap();
+        (sni(index), envoy.assignments[index].clone())
+    }
+
+    #[test]
+    fn an_endpoint_change_rebuilds_its_cluster_alone_and_keeps_the_table() {
+        let before: &[&[&str]] = &[&["10.0.0.1:80"], &["10.0.1.1:80", "10.0.1.2:80"]];
+        let after: &[&[&str]] = &[&["10.0.0.1:80"], &["10.0.1.2:80", "10.0.1.3:80", "10.0.1.4:80"]];
+        let store = store(before);
+        let table = store.routes().clone();
+        let (untouched, changed) = (table.cluster(&sni(0)).unwrap(), table.cluster(&sni(1)).unwrap());
+        let kept_host = Arc::clone(&changed.hosts()[1].state);
+
+        let update = Update { resources: vec![assignment(after, 1)], ..Default::default() };
+        assert!(store.apply_assignments(update).is_empty());
+
+        let now = store.routes();
+        assert!(Arc::ptr_eq(&table, &now), "an assignment does not rebuild the route table");
+        assert!(Arc::ptr_eq(&untouched, &now.cluster(&sni(0)).unwrap()), "the other cluster is kept as it was");
+        let rebuilt = now.cluster(&sni(1)).unwrap();
+        assert!(!Arc::ptr_eq(&changed, &rebuilt));
+        let addresses: Vec<String> = rebuilt.hosts().iter().map(|h| h.spec.address.to_string()).collect();
+        assert_eq!(addresses, ["10.0.1.2:80", "10.0.1.3:80", "10.0.1.4:80"]);
+        assert!(Arc::ptr_eq(&kept_host, &rebuilt.hosts()[0].state), "a host kept keeps its live state");
+        assert_eq!(now.endpoint_count(), 4);
+        assert_eq!(store.applied_endpoints(), 4, "the count follows the change");
+
+        // The assignment removed: the cluster stays routed, with no endpoint.
+        let update = Update { removed: vec![sni(1)], ..Default::default() };
+        assert!(store.apply_assignments(update).is_empty());
+        assert!(store.routes().cluster(&sni(1)).unwrap().hosts().is_empty());
+        assert_eq!(store.applied_endpoints(), 1);
+    }
+
+    #[test]
+    fn a_cluster_removed_leaves_its_chain_routing_nowhere_until_it_returns() {
+        let mesh: &[&[&str]] = &[&["10.0.0.1:80"], &["10.0.1.1:80"]];
+        let store = store(mesh);
+        let envoy =
+            file::envoy_resources(&resources(mesh), &GatewayIdentity::default(), &MeshDefaults::default()).unwrap();
+        let update = Update { removed: vec![sni(1)], ..Default::default() };
+        assert!(store.apply_clusters(update).is_empty());
+        assert!(store.routes().get(&sni(1)).is_some(), "the chain is the listener's");
+        assert!(store.routes().cluster(&sni(1)).is_none());
+
+        let update = Update { resources: vec![(sni(1), envoy.clusters[1].clone())], ..Default::default() };
+        assert!(store.apply_clusters(update).is_empty());
+        assert!(store.routes().cluster(&sni(1)).unwrap().hosts().is_empty(), "back, waiting for its assignment");
+        let update = Update { resources: vec![assignment(mesh, 1)], ..Default::default() };
+        assert!(store.apply_assignments(update).is_empty());
+        assert_eq!(store.routes().cluster(&sni(1)).unwrap().hosts().len(), 1);
     }
 }

@@ -1,5 +1,5 @@
-//! Upstream connect (timeouts, retry on another endpoint) and the two-way copy of a tunnel, honouring
-//! half-close, propagating resets, and counting bytes as they move.
+//! The sockets of a tunnel (options, upstream connect) and its two-way copy, honouring half-close, propagating
+//! resets, and counting bytes as they move.
 
 use std::io;
 use std::net::SocketAddr;
@@ -9,7 +9,7 @@ use std::time::Duration;
 use metrics::Counter;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep_until};
 
 mod copy;
 
@@ -18,9 +18,6 @@ use copy::{Chunk, Mover};
 
 use crate::config::Keepalive;
 use crate::drain::Drain;
-use crate::lb::{Outcome, PickContext};
-use crate::metrics::RejectReason;
-use crate::route::RouteCluster;
 
 /// Sets the options both sides of a tunnel get: no Nagle delay (TLS records are already framed) and
 /// keepalive probes so that dead peers are noticed. Set on a listener, they are inherited by every socket it
@@ -43,52 +40,6 @@ pub enum TunnelEnd {
     MaxDuration,
     /// Closed by the end of the termination grace.
     Terminated,
-}
-
-/// An upstream connection and the host it goes to.
-pub struct Connected {
-    pub stream: TcpStream,
-    pub endpoint: usize,
-    pub address: SocketAddr,
-    /// Holds the host's open-connection count (LEAST_REQUEST) until the tunnel ends.
-    pub picked: crate::lb::Picked,
-}
-
-/// Picks endpoints and connects, trying up to `attempts` different endpoints; each failure is counted.
-pub async fn connect(cluster: &RouteCluster, source: SocketAddr, attempts: usize) -> Result<Connected, RejectReason> {
-    let mut tried = Vec::new();
-    for _ in 0..attempts {
-        let ctx = PickContext { source: source.ip(), tried: &tried };
-        let Some(picked) = cluster.lb.pick(&ctx, &mut rand::rng()) else { break };
-        let host = &cluster.lb.hosts()[picked.index];
-        let address = host.spec.address;
-        cluster.metrics.upstream_cx_total.increment(1);
-        let outcome = timeout(cluster.settings.connect_timeout, connect_to(address, &cluster.settings.keepalive)).await;
-        let now = std::time::Instant::now();
-        match outcome {
-            Ok(Ok(stream)) => {
-                cluster.lb.report(picked.index, Outcome::ConnectSuccess, now);
-                return Ok(Connected { stream, endpoint: picked.index, address, picked });
-            }
-            Ok(Err(error)) => {
-                cluster.lb.report(picked.index, Outcome::ConnectFailure, now);
-                cluster.metrics.upstream_cx_connect_fail.increment(1);
-                tracing::debug!(cluster = %cluster.name, %address, %error, "upstream connect failed");
-            }
-            Err(_) => {
-                cluster.lb.report(picked.index, Outcome::ConnectTimeout, now);
-                cluster.metrics.upstream_cx_connect_timeout.increment(1);
-                tracing::debug!(cluster = %cluster.name, %address, "upstream connect timed out");
-            }
-        }
-        tried.push(picked.index);
-    }
-    if tried.is_empty() {
-        cluster.metrics.upstream_cx_none_healthy.increment(1);
-        Err(RejectReason::NoHealthyUpstream)
-    } else {
-        Err(RejectReason::UpstreamConnectFailed)
-    }
 }
 
 pub async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {

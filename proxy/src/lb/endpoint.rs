@@ -1,13 +1,15 @@
-//! What the lb is given: endpoints with their locality, weight and health, and the per-host state that outlives a
-//! configuration.
+//! The endpoints of a cluster: each as configured (address, locality, weight, health, workload), and the per-host
+//! state that outlives a configuration (open connections, outlier state, the endpoint's Istio series).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
+pub use crossgate_istio::gateway::WorkloadMetadata;
 pub use crossgate_istio::labels::Locality;
 
 use super::outlier::HostOutlier;
+use crate::metrics::IstioTcpMetrics;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Health {
@@ -18,21 +20,26 @@ pub enum Health {
     Draining,
 }
 
-/// One endpoint as configured: where to connect and what the lb may weigh.
+/// One endpoint as configured: where to connect, what the lb may weigh, and what the metrics say about it. The
+/// locality and the workload are shared by the endpoints that have the same (an assignment repeats them).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EndpointSpec {
     pub address: SocketAddr,
-    pub locality: Locality,
+    pub locality: Arc<Locality>,
     /// At least 1.
     pub weight: u32,
     pub health: Health,
+    /// Istio's `istio.workload` metadata: the destination labels of its series.
+    pub workload: Arc<WorkloadMetadata>,
 }
 
-/// Per-host state that survives configuration reloads: open connections and the outlier detector's view.
+/// Per-host state that survives configuration reloads: open connections, the outlier detector's view, and the
+/// endpoint's Istio series (registered on its first connection, so that series follow traffic, not the mesh).
 #[derive(Debug, Default)]
 pub struct HostState {
     pub(super) active: AtomicU64,
     pub(super) outlier: HostOutlier,
+    pub(crate) series: OnceLock<IstioTcpMetrics>,
 }
 
 impl HostState {

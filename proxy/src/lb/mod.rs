@@ -82,7 +82,8 @@ struct Sweep {
     next: Option<Instant>,
 }
 
-/// Metric handles, created once per cluster.
+/// Metric handles, created once per cluster and carried across rebuilds.
+#[derive(Clone)]
 struct Metrics {
     ejections_active: metrics::Gauge,
     ejections_total: metrics::Counter,
@@ -124,19 +125,23 @@ impl ClusterLb {
         previous: Option<&ClusterLb>,
         cluster: &str,
     ) -> Self {
-        let previous_state: HashMap<SocketAddr, &Arc<HostState>> =
-            previous.map(|lb| lb.hosts.iter().map(|h| (h.spec.address, &h.state)).collect()).unwrap_or_default();
+        let previous_hosts: HashMap<SocketAddr, &Host> =
+            previous.map(|lb| lb.hosts.iter().map(|h| (h.spec.address, h)).collect()).unwrap_or_default();
         let hosts: Vec<Host> = endpoints
             .into_iter()
             .map(|spec| {
-                let state = previous_state.get(&spec.address).map(|s| Arc::clone(s)).unwrap_or_default();
+                // A new workload at a known address is a new host: its series carry other labels.
+                let state = match previous_hosts.get(&spec.address) {
+                    Some(old) if old.spec.workload == spec.workload => Arc::clone(&old.state),
+                    _ => Arc::default(),
+                };
                 Host { spec, state }
             })
             .collect();
         let shared = previous.map(|p| Arc::clone(&p.shared)).unwrap_or_default();
         let epoch = shared.epoch.load(Ordering::Acquire);
         let view = View::new(&hosts, &topology, &settings.policy, settings.panic_threshold, epoch);
-        let metrics = Metrics::new(cluster);
+        let metrics = previous.map_or_else(|| Metrics::new(cluster), |p| p.metrics.clone());
         let lb = ClusterLb {
             members: topology.member_count(),
             hosts,

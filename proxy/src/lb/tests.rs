@@ -10,9 +10,10 @@ fn endpoint(port: u16, locality: &str) -> EndpointSpec {
     EndpointSpec {
         // Port 0 is not an endpoint's: offset them all.
         address: SocketAddr::from(([127, 0, 0, 1], 10_000 + port)),
-        locality: locality.parse().unwrap(),
+        locality: Arc::new(locality.parse().unwrap()),
         weight: 1,
         health: Health::Healthy,
+        workload: Arc::default(),
     }
 }
 

@@ -197,7 +197,7 @@ pub fn hash_ip(ip: IpAddr) -> u64 {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::lb::endpoint::{EndpointSpec, Health, HostState, Locality};
+    use crate::lb::endpoint::{EndpointSpec, Health, HostState};
     use rand::SeedableRng;
     use rand::rngs::SmallRng;
     use std::net::SocketAddr;
@@ -210,9 +210,10 @@ pub(crate) mod tests {
             .map(|(i, w)| Host {
                 spec: EndpointSpec {
                     address: SocketAddr::from(([10, 0, (i / 256) as u8, (i % 256) as u8], 15443)),
-                    locality: Locality::default(),
+                    locality: Arc::default(),
                     weight: *w,
                     health: Health::Healthy,
+                    workload: Arc::default(),
                 },
                 state: Arc::new(HostState::default()),
             })
