@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::cluster::ClusterDefaults;
 use crate::metrics::{ConfigMetrics, Telemetry};
-use crate::resources::{self, EnvoyState};
+use crate::resources::{self, AssignmentSpec, EnvoyState, Invalid};
 use crate::route::{Clusters, RouteTable};
 
 /// A resource refused by name, and why: what a NACK carries. Its last good version stays in force.
@@ -172,17 +172,24 @@ impl ConfigStore {
 
     /// Applies assignments one by one, as Envoy's EDS does.
     pub fn apply_assignments(&self, update: Update<ClusterLoadAssignment>) -> Vec<Rejected> {
+        let Update { resources, removed, complete } = update;
+        let resources = resources.into_iter().map(|(name, a)| (name, resources::read_assignment(&a))).collect();
+        self.apply_read_assignments(Update { resources, removed, complete })
+    }
+
+    /// The same, with each assignment already read (or refused).
+    pub fn apply_read_assignments(&self, update: Update<Result<AssignmentSpec, Invalid>>) -> Vec<Rejected> {
         let mut rejected = Vec::new();
         let mut applied = self.lock();
         let state = &mut applied.envoy;
         let mut changed = HashSet::new();
-        for (name, assignment) in &update.resources {
-            match resources::read_assignment(assignment) {
+        for (name, assignment) in update.resources {
+            match assignment {
                 Ok(spec) => {
                     state.assignments.insert(name.clone(), Arc::new(spec));
-                    changed.insert(name.clone());
+                    changed.insert(name);
                 }
-                Err(e) => rejected.push(Rejected { name: name.clone(), reason: e.to_string() }),
+                Err(e) => rejected.push(Rejected { name, reason: e.to_string() }),
             }
         }
         for name in &update.removed {

@@ -27,6 +27,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use super::{ConfigStore, Rejected, Update};
 use crate::drain::{Drain, Phase};
+use crate::resources;
 
 /// No response size a real mesh can reach is refused (a 100,000-endpoint push is tens of MB).
 pub const MAX_MESSAGE_BYTES: usize = 1 << 30;
@@ -253,20 +254,24 @@ impl XdsClient {
     }
 
     /// Applies one response; returns its ACK or NACK, then any subscription change it causes.
-    fn apply(&mut self, response: DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryRequest> {
+    fn apply(&mut self, mut response: DeltaDiscoveryResponse) -> Vec<DeltaDiscoveryRequest> {
         let Some(kind) = Kind::of(&response.type_url) else {
             // A type this gateway never asked for: ACK it, use nothing.
             return vec![ack(&response.type_url, response.nonce, None)];
         };
         let outcome = match kind {
-            Kind::Cluster => decode::<Cluster>(&response.resources).map(|update| {
+            Kind::Cluster => decode::<Cluster, _>(&mut response.resources, |c| c).map(|update| {
                 let eds: BTreeSet<String> = update.iter().filter_map(|(_, c)| eds_service_name(c)).collect();
                 let rejected = self.store.apply_clusters(self.update(&response, update));
                 (rejected, Some(eds))
             }),
-            Kind::Assignment => decode::<ClusterLoadAssignment>(&response.resources)
-                .map(|update| (self.store.apply_assignments(self.update(&response, update)), None)),
-            Kind::Listener => decode::<Listener>(&response.resources)
+            // Read as decoded: a mesh's first push holds every endpoint, and its decoded form is several times the
+            // size of what the gateway keeps of it.
+            Kind::Assignment => {
+                decode::<ClusterLoadAssignment, _>(&mut response.resources, |a| resources::read_assignment(&a))
+                    .map(|update| (self.store.apply_read_assignments(self.update(&response, update)), None))
+            }
+            Kind::Listener => decode::<Listener, _>(&mut response.resources, |l| l)
                 .map(|update| (self.store.apply_listeners(self.update(&response, update)), None)),
         };
         let (rejected, eds) = match outcome {
@@ -362,18 +367,22 @@ fn eds_service_name(cluster: &Cluster) -> Option<String> {
     })
 }
 
-/// Decodes every resource of a response, or says why the response is refused whole.
-fn decode<T: Message + Name + Default>(resources: &[Resource]) -> Result<Vec<(String, T)>, String> {
+/// Decodes every resource of a response and gives each to `read`, or says why the response is refused whole.
+/// Each resource's encoded bytes are freed once decoded.
+fn decode<T: Message + Name + Default, R>(
+    resources: &mut [Resource],
+    read: impl Fn(T) -> R,
+) -> Result<Vec<(String, R)>, String> {
     resources
-        .iter()
+        .iter_mut()
         .map(|resource| {
-            let any = resource.resource.as_ref().ok_or_else(|| format!("{}: no resource", resource.name))?;
+            let any = resource.resource.as_mut().ok_or_else(|| format!("{}: no resource", resource.name))?;
             if any.type_url != T::type_url() {
                 return Err(format!("{}: a {} where a {} was expected", resource.name, any.type_url, T::type_url()));
             }
-            let value =
-                T::decode(any.value.as_slice()).map_err(|e| format!("{}: does not decode: {e}", resource.name))?;
-            Ok((resource.name.clone(), value))
+            let value = T::decode(std::mem::take(&mut any.value).as_slice())
+                .map_err(|e| format!("{}: does not decode: {e}", resource.name))?;
+            Ok((resource.name.clone(), read(value)))
         })
         .collect()
 }
