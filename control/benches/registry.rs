@@ -49,6 +49,7 @@ fn cluster(index: u8) -> ClusterModel {
                 .collect(),
             publish_not_ready: false,
         })
+        .map(Arc::new)
         .collect();
     let subset =
         |name: &str| SubsetModel { name: name.to_owned(), labels: labels(&[("version", name)]), traffic_policy: None };
@@ -73,7 +74,8 @@ fn registry(c: &mut Criterion) {
 
     // One endpoint of svc-500 (a v2 pod in cluster2) stops being ready.
     let mut changed = mesh.clone();
-    Arc::make_mut(changed.clusters.get_mut("cluster2").unwrap()).services[500].endpoints[1].ready = false;
+    let service = &mut Arc::make_mut(changed.clusters.get_mut("cluster2").unwrap()).services[500];
+    Arc::make_mut(service).endpoints[1].ready = false;
 
     let started = Instant::now();
     let next = gateway_view(&changed, &gateway, &options);

@@ -15,6 +15,21 @@ pub struct MeshModel {
     pub clusters: BTreeMap<String, Arc<ClusterModel>>,
 }
 
+impl MeshModel {
+    /// Takes from `previous` every cluster and service equal to this mesh's, for a source that builds its
+    /// model afresh; returns whether the two meshes are equal.
+    pub fn share_unchanged(&mut self, previous: &MeshModel) -> bool {
+        let mut equal = self.clusters.len() == previous.clusters.len();
+        for (id, cluster) in &mut self.clusters {
+            match previous.clusters.get(id) {
+                Some(before) if Arc::make_mut(cluster).share_unchanged(before) => *cluster = Arc::clone(before),
+                _ => equal = false,
+            }
+        }
+        equal
+    }
+}
+
 /// One Kubernetes cluster (or one `clusters[]` entry of the mesh file).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterModel {
@@ -23,9 +38,32 @@ pub struct ClusterModel {
     /// The cluster's network: the `topology.istio.io/network` label of its system namespace (or the mesh
     /// file's `network`). Endpoints without a network of their own are on it; empty when unknown.
     pub network: String,
-    pub services: Vec<ServiceModel>,
+    /// Shared between the versions of the cluster's model: a source replaces the services that changed and
+    /// keeps the others' `Arc`s, so that a change costs in proportion to the services it touches (see
+    /// [`ClusterModel::share_unchanged`]).
+    pub services: Vec<Arc<ServiceModel>>,
     /// The DestinationRules defined in this cluster: what a gateway running in this cluster applies.
     pub destination_rules: Vec<DestinationRuleModel>,
+}
+
+impl ClusterModel {
+    /// Takes from `previous` the `Arc` of every service equal to one of this cluster's (a hostname is defined
+    /// once in a cluster), so that consumers compare what is shared by pointer; returns whether the two
+    /// clusters are equal.
+    pub fn share_unchanged(&mut self, previous: &ClusterModel) -> bool {
+        let before: BTreeMap<&str, &Arc<ServiceModel>> =
+            previous.services.iter().map(|service| (service.hostname.as_str(), service)).collect();
+        for service in &mut self.services {
+            if let Some(kept) = before.get(service.hostname.as_str()).filter(|kept| ****kept == **service) {
+                *service = Arc::clone(kept);
+            }
+        }
+        self.id == previous.id
+            && self.network == previous.network
+            && self.services.len() == previous.services.len()
+            && self.services.iter().zip(&previous.services).all(|(a, b)| Arc::ptr_eq(a, b))
+            && self.destination_rules == previous.destination_rules
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::model::MeshModel;
-use crate::views;
+use crate::views::{self, ServiceIndex};
 
 /// The version before the source has a mesh worth serving: a gateway that connects then waits (a reconnecting
 /// one keeps what it has) rather than being told the mesh is empty.
@@ -24,12 +24,23 @@ pub struct MeshVersion {
     /// The service hostnames changed since the previous version (`None`: anything may have; every view is
     /// recomputed). See [`views::changed_hosts`].
     pub changed_hosts: Option<Arc<BTreeSet<String>>>,
+    /// Where each service of `mesh` is, for the views that recompute the changed ones alone.
+    pub services: ServiceIndex,
 }
 
 impl MeshVersion {
     /// A version whose changes are not known: every view is recomputed.
     pub fn whole(mesh: MeshModel, version: u64) -> Self {
-        MeshVersion { mesh, version, changed_at: Instant::now(), changed_hosts: None }
+        let services = ServiceIndex::new(&mesh);
+        MeshVersion { mesh, version, changed_at: Instant::now(), changed_hosts: None, services }
+    }
+
+    /// The version after this one: `mesh`, with what changed since this one. Costs in proportion to the
+    /// services the sources replaced (and a pointer comparison per service of a cluster that changed).
+    pub fn next(&self, mesh: MeshModel, changed_at: Instant) -> Self {
+        let changed_hosts = views::changed_hosts(&self.mesh, &mesh).map(Arc::new);
+        let services = self.services.next(&self.mesh, &mesh);
+        MeshVersion { mesh, version: self.version + 1, changed_at, changed_hosts, services }
     }
 }
 
@@ -48,9 +59,9 @@ pub fn debounce(
         if primed.wait_for(|primed| *primed).await.is_err() {
             return;
         }
-        let mut version = 1;
-        let mut previous = input.borrow_and_update().clone();
-        if versions.send(Arc::new(MeshVersion::whole(previous.clone(), version))).is_err() {
+        let first = input.borrow_and_update().clone();
+        let mut previous = Arc::new(MeshVersion::whole(first, 1));
+        if versions.send(Arc::clone(&previous)).is_err() {
             return;
         }
         while input.changed().await.is_ok() {
@@ -63,13 +74,12 @@ pub fn debounce(
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            version += 1;
             let mesh = input.borrow_and_update().clone();
-            let changed_hosts = views::changed_hosts(&previous, &mesh).map(Arc::new);
-            previous = mesh.clone();
-            if versions.send(Arc::new(MeshVersion { mesh, version, changed_at, changed_hosts })).is_err() {
+            let next = Arc::new(previous.next(mesh, changed_at));
+            if versions.send(Arc::clone(&next)).is_err() {
                 return;
             }
+            previous = next;
         }
     });
     receiver

@@ -105,14 +105,14 @@ impl ScaleMesh {
                     .collect();
                 let cluster = &mut clusters[home];
                 instances.push((home, cluster.services.len()));
-                cluster.services.push(ServiceModel {
+                cluster.services.push(Arc::new(ServiceModel {
                     name: name.clone(),
                     namespace: namespace.clone(),
                     hostname: hostname.clone(),
                     ports: ports.clone(),
                     endpoints,
                     publish_not_ready: false,
-                });
+                }));
             }
             if s.is_multiple_of(5) {
                 destination_rules += 1;
@@ -130,8 +130,8 @@ impl ScaleMesh {
 
     /// The mesh with one endpoint of service `service` (of its instance `instance % instances`) moved to a new
     /// address, as a pod replaced by its ReplicaSet: the service's assignments change, nothing else. The
-    /// changed cluster is copied (the previous mesh version still holds the old one), as the Kubernetes source
-    /// rebuilds a cluster's model on every change.
+    /// changed service is copied (the previous mesh version still holds the old one) and the cluster's other
+    /// services are shared, as the sources do.
     pub fn change(&mut self, service: usize, instance: usize, endpoint: usize) -> (MeshModel, Change) {
         let index = &self.services[service % self.services.len()];
         let clusters = &self.model.clusters;
@@ -146,7 +146,7 @@ impl ScaleMesh {
         let address = Ipv4Addr::from(u32::from(CHANGED_BASE) + self.changes);
         self.changes += 1;
         let cluster = Arc::make_mut(self.model.clusters.get_mut(id).expect("both clusters exist"));
-        let endpoints = &mut cluster.services[position].endpoints;
+        let endpoints = &mut Arc::make_mut(&mut cluster.services[position]).endpoints;
         let count = endpoints.len();
         endpoints[endpoint % count].address = IpAddr::V4(address);
         let change =

@@ -16,7 +16,7 @@ pub struct AdsGatewayStatus {
     pub connected_at_unix: u64,
     /// The mesh version its resources were last computed from (0: none yet, the mesh is not whole).
     pub mesh_version: u64,
-    /// Type URL -> resource name -> version, as last ACKed.
+    /// Type URL -> resource name -> version, as last ACKed (what a NACK refused is in `last_nack`).
     pub acked: BTreeMap<String, BTreeMap<String, String>>,
     pub pushes: u64,
     /// Resources sent, removals included: what a reconnecting gateway was sent again shows here.
@@ -55,6 +55,29 @@ impl AdsServer {
     }
 }
 
+impl AdsGatewayStatus {
+    /// Applies changes of what the gateway holds of one type (a `None` version: no longer held).
+    pub(super) fn apply(&mut self, type_url: &str, changes: impl IntoIterator<Item = (String, Option<String>)>) {
+        for (name, version) in changes {
+            match version {
+                Some(version) => match self.acked.get_mut(type_url) {
+                    Some(held) => {
+                        held.insert(name, version);
+                    }
+                    None => {
+                        self.acked.insert(type_url.to_owned(), BTreeMap::from([(name, version)]));
+                    }
+                },
+                None => {
+                    if let Some(held) = self.acked.get_mut(type_url) {
+                        held.remove(&name);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The gateway's identity, as its Envoy node tells it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeStatus {
@@ -86,4 +109,7 @@ pub struct NackStatus {
     pub nonce: String,
     /// Envoy's error message.
     pub message: String,
+    /// What the refused response carried: name -> version (`null`: a removal). The gateway keeps its last
+    /// good version of these; the refused versions are not sent again, the next change of these resources is.
+    pub refused: BTreeMap<String, Option<String>>,
 }

@@ -110,27 +110,33 @@ impl<W: Wire> Session<W> {
         tracing::info!(node = %self.node.id, "Envoy gateway disconnected");
     }
 
-    /// Rebuilds the gateway's resources at a new mesh version.
+    /// Rebuilds the gateway's resources at a new mesh version, and tells each type which names may differ.
     fn refresh(&mut self, snapshot: &MeshVersion) {
         if snapshot.version == UNPRIMED {
             return;
         }
-        let invalid = &self.shared.invalid;
-        // The next version, with its changed services known: only those are recomputed.
+        let (invalid, mesh) = (&self.shared.invalid, &snapshot.mesh);
+        // The next version, with its changed services known: only those are recomputed, and only their
+        // clusters are compared with what the gateway holds.
         match &snapshot.changed_hosts {
             Some(hosts) if self.primed && snapshot.version == self.mesh_version + 1 => {
-                let changed = self.view.update(&snapshot.mesh, &self.node, &self.shared.view, hosts);
+                let changed = self.view.update(mesh, &snapshot.services, &self.node, &self.shared.view, hosts);
                 self.builder.update(self.view.clusters(), &changed, invalid);
+                for kind in [Kind::Cluster, Kind::Endpoint] {
+                    self.types[kind.index()].mark_changed(&changed);
+                }
+                // One resource: looking at it is as cheap as knowing whether it changed.
+                self.types[Kind::Listener.index()].mark_all();
             }
             _ => {
-                self.view.rebuild(&snapshot.mesh, &self.node, &self.shared.view);
+                self.view.rebuild(mesh, &self.node, &self.shared.view);
                 self.builder.resources(self.view.clusters(), invalid);
+                self.types.iter_mut().for_each(TypeState::mark_all);
             }
         }
         self.primed = true;
         self.mesh_version = snapshot.version;
         self.changed_at = snapshot.changed_at;
-        self.types.iter_mut().for_each(TypeState::mark_dirty);
         self.update_status(|status| status.mesh_version = snapshot.version);
     }
 
@@ -145,15 +151,17 @@ impl<W: Wire> Session<W> {
         }
     }
 
-    fn answered(&mut self, kind: Kind, Outcome { nonce, answer, held, changed_at }: Outcome) {
+    /// Records the answer in the gateway's status: the response's names alone, not all it holds.
+    fn answered(&mut self, kind: Kind, Outcome { nonce, answer, delivered, requested, changed_at }: Outcome) {
         let metrics = &self.shared.metrics;
+        let type_url = kind.type_url();
         match answer {
             Answer::Ack => {
                 metrics.acks[kind.index()].increment(1);
                 metrics.ack_seconds.record(changed_at.elapsed().as_secs_f64());
                 self.update_status(|status| {
                     status.acks += 1;
-                    status.acked.insert(kind.type_url(), held);
+                    status.apply(&type_url, requested.into_iter().chain(delivered));
                 });
             }
             Answer::Nack { message } => {
@@ -163,10 +171,11 @@ impl<W: Wire> Session<W> {
                     "Envoy gateway refused a response; it keeps its last good version of what it refused, \
                      and is not sent those versions again"
                 );
-                let nack = NackStatus { type_url: kind.type_url(), nonce, message };
+                let refused = delivered.into_iter().collect();
                 self.update_status(|status| {
                     status.nacks += 1;
-                    status.last_nack = Some(nack);
+                    status.apply(&type_url, requested);
+                    status.last_nack = Some(NackStatus { type_url, nonce, message, refused });
                 });
             }
         }

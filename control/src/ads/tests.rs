@@ -74,9 +74,7 @@ impl Harness {
     /// The next mesh version, with its changes relative to the current one, as the debounce publishes them.
     fn publish(&self, mesh: MeshModel) {
         let previous = Arc::clone(&self.mesh.borrow());
-        let changed_hosts = crate::views::changed_hosts(&previous.mesh, &mesh).map(Arc::new);
-        let version = previous.version + 1;
-        self.mesh.send_replace(Arc::new(MeshVersion { mesh, version, changed_at: Instant::now(), changed_hosts }));
+        self.mesh.send_replace(Arc::new(previous.next(mesh, Instant::now())));
     }
 
     async fn client(&self) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
@@ -185,7 +183,12 @@ async fn open_cds(harness: &Harness, names: &[&str]) -> DeltaStream {
 
 /// CDS, then EDS for the clusters, then LDS, each ACKed, as Envoy starts.
 async fn start_delta(harness: &Harness) -> DeltaStream {
-    let mut stream = open_cds(harness, &[]).await;
+    start_delta_as(harness, node("cluster1")).await
+}
+
+async fn start_delta_as(harness: &Harness, node: Node) -> DeltaStream {
+    let first = DeltaDiscoveryRequest { node: Some(node), ..subscribe(Kind::Cluster, &[]) };
+    let mut stream = delta(harness, first).await.unwrap();
     let clusters = stream.recv().await;
     assert_eq!(clusters.type_url, Kind::Cluster.type_url());
     stream.send(ack(&clusters)).await;
@@ -410,4 +413,165 @@ async fn nothing_is_pushed_before_the_mesh_is_primed() {
     stream.quiet().await;
     harness.publish(mesh(&["10.0.0.1"], true));
     assert_eq!(names(&stream.recv().await), [HELLOWORLD, IDLE]);
+}
+
+const REVIEWS: &str = "outbound_.9080_._.reviews.sample.svc.cluster.local";
+
+/// helloworld in cluster1 (network1), reviews in cluster2 (network2).
+fn two_networks() -> MeshModel {
+    let service = |name: &str, port: u16, address: &str| {
+        format!(
+            "  - {{ name: {name}, namespace: sample, ports: [{{ port: {port} }}], \
+             endpoints: [{{ address: {address}, labels: {{ security.istio.io/tlsMode: istio }} }}] }}\n"
+        )
+    };
+    let yaml = format!(
+        "clusters:\n- name: cluster1\n  network: network1\n  services:\n{}- name: cluster2\n  network: network2\n  \
+         services:\n{}",
+        service("helloworld", 5000, "10.0.0.1"),
+        service("reviews", 9080, "10.1.0.1")
+    );
+    MeshFile::parse(&yaml).unwrap_or_else(|e| panic!("{e}")).model("cluster.local")
+}
+
+/// `mesh` with the first endpoint of `host` in `cluster` moved to `address`, every other service shared, as the
+/// sources change a mesh.
+fn moved(mesh: &MeshModel, cluster: &str, host: &str, address: &str) -> MeshModel {
+    let mut mesh = mesh.clone();
+    let cluster = Arc::make_mut(mesh.clusters.get_mut(cluster).unwrap());
+    let service = cluster.services.iter_mut().find(|s| s.hostname.starts_with(host)).unwrap();
+    Arc::make_mut(service).endpoints[0].address = address.parse().unwrap();
+    mesh
+}
+
+fn gateway_node(id: &str, network_view: &[&str]) -> Node {
+    GatewayNode {
+        id: id.into(),
+        cluster_id: "cluster1".into(),
+        network: "network1".into(),
+        requested_network_view: network_view.iter().map(|n| (*n).to_owned()).collect(),
+        locality: "r1/z1".parse().unwrap(),
+        ..Default::default()
+    }
+    .to_envoy()
+}
+
+/// The endpoint addresses of an assignment.
+fn addresses(resource: &envoy_types::pb::envoy::service::discovery::v3::Resource) -> Vec<String> {
+    let assignment: ClusterLoadAssignment = decode(resource);
+    let endpoints = assignment.endpoints.iter().flat_map(|group| &group.lb_endpoints);
+    let address = |e: &envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint| {
+        use envoy_types::pb::envoy::config::core::v3::address::Address;
+        use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
+        let Some(HostIdentifier::Endpoint(endpoint)) = &e.host_identifier else { return String::new() };
+        match endpoint.address.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(Address::SocketAddress(socket)) => socket.address.clone(),
+            _ => String::new(),
+        }
+    };
+    endpoints.map(address).collect()
+}
+
+#[tokio::test]
+async fn a_change_reaches_every_gateway_that_sees_it_and_no_other() {
+    let before = two_networks();
+    let harness = Harness::start(before.clone()).await;
+    // `near` sees its own network alone: reviews is a cluster without endpoints there.
+    let mut near = start_delta_as(&harness, gateway_node("gw-near", &["network1"])).await;
+    let mut both = start_delta_as(&harness, gateway_node("gw-both", &["network1", "network2"])).await;
+    near.quiet().await;
+
+    // A reviews endpoint moves: only the gateway that sees network2 hears of it.
+    let after = moved(&before, "cluster2", "reviews", "10.1.0.2");
+    harness.publish(after.clone());
+    let update = both.recv().await;
+    assert_eq!((update.type_url.clone(), names(&update)), (Kind::Endpoint.type_url(), vec![REVIEWS]));
+    assert_eq!(addresses(&update.resources[0]), ["10.1.0.2"]);
+    both.send(ack(&update)).await;
+    near.quiet().await;
+    both.quiet().await;
+
+    // A helloworld endpoint moves: both hear of it.
+    let after = moved(&after, "cluster1", "helloworld", "10.0.0.2");
+    harness.publish(after.clone());
+    for stream in [&mut near, &mut both] {
+        let update = stream.recv().await;
+        assert_eq!((names(&update), addresses(&update.resources[0])), (vec![HELLOWORLD], vec!["10.0.0.2".to_owned()]));
+        stream.send(ack(&update)).await;
+        stream.quiet().await;
+    }
+
+    // reviews goes away: both are told to remove its cluster, and get the listener without its chain.
+    let mut gone = after.clone();
+    Arc::make_mut(gone.clusters.get_mut("cluster2").unwrap()).services.clear();
+    harness.publish(gone);
+    for stream in [&mut near, &mut both] {
+        let clusters = stream.recv().await;
+        assert_eq!(
+            (clusters.type_url.clone(), clusters.removed_resources.clone()),
+            (Kind::Cluster.type_url(), vec![REVIEWS.to_owned()])
+        );
+        let listeners = stream.recv().await;
+        assert_eq!(decode::<Listener>(&listeners.resources[0]).filter_chains.len(), 1);
+        stream.send(ack(&clusters)).await;
+        stream.send(ack(&listeners)).await;
+        stream.quiet().await;
+    }
+    let held =
+        |gateway: &AdsGatewayStatus| gateway.acked[&Kind::Cluster.type_url()].keys().cloned().collect::<Vec<_>>();
+    let gateways = harness.server.gateways();
+    assert_eq!(gateways.iter().map(held).collect::<Vec<_>>(), [[HELLOWORLD], [HELLOWORLD]]);
+}
+
+#[tokio::test]
+async fn changes_made_while_a_response_is_in_flight_follow_its_answer() {
+    let before = two_networks();
+    let harness = Harness::start(before.clone()).await;
+    let mut stream = start_delta_as(&harness, gateway_node("gw-1", &[])).await;
+    let first = moved(&before, "cluster1", "helloworld", "10.0.0.2");
+    harness.publish(first.clone());
+    let update = stream.recv().await;
+    assert_eq!(names(&update), [HELLOWORLD]);
+    // Two more versions before the answer: reviews, then helloworld again.
+    let second = moved(&first, "cluster2", "reviews", "10.1.0.2");
+    harness.publish(second.clone());
+    harness.publish(moved(&second, "cluster1", "helloworld", "10.0.0.3"));
+    stream.quiet().await;
+    stream.send(ack(&update)).await;
+    let update = stream.recv().await;
+    assert_eq!(names(&update), [HELLOWORLD, REVIEWS]);
+    let latest: Vec<Vec<String>> = update.resources.iter().map(addresses).collect();
+    assert_eq!(latest, [["10.0.0.3"], ["10.1.0.2"]], "the latest versions");
+    stream.send(ack(&update)).await;
+    stream.quiet().await;
+}
+
+#[tokio::test]
+async fn a_nacked_assignment_is_named_in_the_status_not_resent_and_its_fix_is_sent() {
+    let before = two_networks();
+    let harness = Harness::start(before.clone()).await;
+    let mut stream = start_delta_as(&harness, gateway_node("gw-1", &[])).await;
+    let acked = |harness: &Harness| harness.gateway().acked[&Kind::Endpoint.type_url()][HELLOWORLD].clone();
+    let good = acked(&harness);
+
+    let refused = moved(&before, "cluster1", "helloworld", "10.0.0.2");
+    harness.publish(refused.clone());
+    let update = stream.recv().await;
+    stream.send(nack(&update, "bad endpoint")).await;
+    // The same mesh again, as another version: the refused version is not sent again.
+    harness.publish(refused.clone());
+    stream.quiet().await;
+    let status = harness.gateway();
+    let nack = status.last_nack.expect("the NACK is in the status");
+    assert_eq!((nack.type_url, nack.message.as_str()), (Kind::Endpoint.type_url(), "bad endpoint"));
+    assert_eq!(nack.refused, BTreeMap::from([(HELLOWORLD.to_owned(), Some(update.resources[0].version.clone()))]));
+    assert_eq!(acked(&harness), good, "the gateway keeps its last good version");
+
+    // The fix is sent, and its ACK shows in the status.
+    harness.publish(moved(&refused, "cluster1", "helloworld", "10.0.0.3"));
+    let fix = stream.recv().await;
+    assert_eq!((names(&fix), addresses(&fix.resources[0])), (vec![HELLOWORLD], vec!["10.0.0.3".to_owned()]));
+    stream.send(ack(&fix)).await;
+    stream.quiet().await;
+    assert_eq!(acked(&harness), fix.resources[0].version);
 }

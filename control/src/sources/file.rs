@@ -237,7 +237,7 @@ impl ClusterEntry {
         ClusterModel {
             id: self.name.clone(),
             network: self.network.clone(),
-            services: self.services.iter().map(|s| s.model(domain, &self.network)).collect(),
+            services: self.services.iter().map(|s| Arc::new(s.model(domain, &self.network))).collect(),
             destination_rules: self.destination_rules.iter().map(DestinationRuleEntry::model).collect(),
         }
     }
@@ -411,8 +411,10 @@ impl Follower {
         let parsed = MeshFile::parse(&text);
         self.last_read = Some(text);
         let model = parsed.map_err(|source| FileError::Refused { path: path.clone(), source })?.model(&self.domain);
+        let mut model = model;
+        // What did not change stays shared, so that the debounce compares the changed services alone.
         Ok(self.updates.send_if_modified(|current| {
-            let changed = *current != model;
+            let changed = !model.share_unchanged(current);
             if changed {
                 *current = model;
             }

@@ -6,6 +6,7 @@ mod rules;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use crossgate_istio::labels::{
     CLUSTER_LABEL, HOSTNAME_LABEL, NETWORK_LABEL, REGION_LABEL, SUBZONE_LABEL, TLS_MODE_LABEL, ZONE_LABEL,
@@ -51,11 +52,14 @@ pub fn gateway_view(mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptio
 
 /// One gateway's view kept from one mesh version to the next, so that a change recomputes only the services it
 /// touches (see [`changed_hosts`]).
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 pub struct GatewayView {
     clusters: BTreeMap<String, Cluster>,
     /// Each service hostname's cluster names.
     by_host: BTreeMap<String, Vec<String>>,
+    /// The DestinationRules of the gateway's cluster, indexed when the view is computed whole: a version whose
+    /// changes are known changed no cluster's rules.
+    rules: RuleLookup,
 }
 
 impl GatewayView {
@@ -65,7 +69,7 @@ impl GatewayView {
 
     /// Computes the whole view.
     pub fn rebuild(&mut self, mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) {
-        let rules = RuleLookup::new(own_rules(mesh, gateway), options);
+        self.rules = RuleLookup::new(own_rules(mesh, gateway), options);
         let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
         for cluster in mesh.clusters.values() {
             for service in &cluster.services {
@@ -75,21 +79,22 @@ impl GatewayView {
         self.clusters.clear();
         self.by_host.clear();
         for (host, instances) in services {
-            let names = add_service(&mut self.clusters, host, &instances, gateway, &rules, options);
+            let names = add_service(&mut self.clusters, host, &instances, gateway, &self.rules, options);
             self.by_host.insert(host.to_owned(), names);
         }
     }
 
-    /// Recomputes the clusters of the services `hosts` only; returns the names of the clusters added, changed
-    /// or removed. The mesh's other services must be as when the view was last computed.
+    /// Recomputes the clusters of the services `hosts` only, found through `services` (the index of `mesh`);
+    /// returns the names of the clusters added, changed or removed. The mesh's other services and every
+    /// cluster's DestinationRules must be as when the view was last computed.
     pub fn update(
         &mut self,
         mesh: &MeshModel,
+        services: &ServiceIndex,
         gateway: &GatewayNode,
         options: &ViewOptions,
         hosts: &BTreeSet<String>,
     ) -> BTreeSet<String> {
-        let rules = RuleLookup::new(own_rules(mesh, gateway), options);
         let mut touched = BTreeSet::new();
         for host in hosts {
             let mut before = BTreeMap::new();
@@ -98,16 +103,9 @@ impl GatewayView {
                     before.insert(name, cluster);
                 }
             }
-            // A scan of the services, not of their endpoints.
-            let instances: Vec<(&ClusterModel, &ServiceModel)> = mesh
-                .clusters
-                .values()
-                .flat_map(|cluster| {
-                    cluster.services.iter().filter(|s| s.hostname == *host).map(move |s| (&**cluster, s))
-                })
-                .collect();
+            let instances = services.instances(mesh, host);
             if !instances.is_empty() {
-                let names = add_service(&mut self.clusters, host, &instances, gateway, &rules, options);
+                let names = add_service(&mut self.clusters, host, &instances, gateway, &self.rules, options);
                 for name in &names {
                     if before.remove(name).as_ref() != self.clusters.get(name) {
                         touched.insert(name.clone());
@@ -126,9 +124,63 @@ fn own_rules<'m>(mesh: &'m MeshModel, gateway: &GatewayNode) -> &'m [crate::mode
     mesh.clusters.get(&gateway.cluster_id).map_or(&[][..], |c| c.destination_rules.as_slice())
 }
 
+/// Where each service hostname is defined in a mesh: cluster ID -> hostname -> places in the cluster's
+/// `services`. Carried from one mesh version to the next (see [`ServiceIndex::next`]), so that a view finds the
+/// instances of a changed service without a scan of every service.
+#[derive(Debug, Default)]
+pub struct ServiceIndex {
+    clusters: BTreeMap<String, Arc<BTreeMap<String, Vec<usize>>>>,
+}
+
+impl ServiceIndex {
+    pub fn new(mesh: &MeshModel) -> Self {
+        ServiceIndex { clusters: mesh.clusters.iter().map(|(id, c)| (id.clone(), Arc::new(places(c)))).collect() }
+    }
+
+    /// The index of `next`, this being the index of `previous`. A cluster whose services kept their places
+    /// (the usual change: some services replaced) keeps its index: that costs a pointer comparison per service.
+    pub fn next(&self, previous: &MeshModel, next: &MeshModel) -> Self {
+        let clusters = next.clusters.iter().map(|(id, cluster)| {
+            let kept = previous.clusters.get(id).filter(|before| same_places(before, cluster));
+            let index = match kept.and_then(|_| self.clusters.get(id)) {
+                Some(index) => Arc::clone(index),
+                None => Arc::new(places(cluster)),
+            };
+            (id.clone(), index)
+        });
+        ServiceIndex { clusters: clusters.collect() }
+    }
+
+    /// Every definition of the service `host` in `mesh`, the mesh this index is of.
+    pub fn instances<'m>(&self, mesh: &'m MeshModel, host: &str) -> Vec<(&'m ClusterModel, &'m ServiceModel)> {
+        let mut instances = Vec::new();
+        for (id, cluster) in &mesh.clusters {
+            let places = self.clusters.get(id).and_then(|index| index.get(host)).into_iter().flatten();
+            let services = places.filter_map(|at| cluster.services.get(*at)).filter(|s| s.hostname == host);
+            instances.extend(services.map(|service| (&**cluster, &**service)));
+        }
+        instances
+    }
+}
+
+fn places(cluster: &ClusterModel) -> BTreeMap<String, Vec<usize>> {
+    let mut places: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (at, service) in cluster.services.iter().enumerate() {
+        places.entry(service.hostname.clone()).or_default().push(at);
+    }
+    places
+}
+
+fn same_places(before: &Arc<ClusterModel>, after: &Arc<ClusterModel>) -> bool {
+    Arc::ptr_eq(before, after)
+        || (before.services.len() == after.services.len()
+            && before.services.iter().zip(&after.services).all(|(a, b)| Arc::ptr_eq(a, b) || a.hostname == b.hostname))
+}
+
 /// The service hostnames whose clusters may differ between two meshes, in any gateway's view; `None` when
 /// every view must be recomputed (clusters came or went, or a cluster's network or DestinationRules changed).
-/// Clusters shared unchanged (the same `Arc`) cost nothing; a changed one costs a comparison of its services.
+/// What a source shares unchanged costs a pointer comparison: a cluster (the same `Arc`), or a service of a
+/// changed cluster. Only the services it replaced are compared.
 pub fn changed_hosts(previous: &MeshModel, next: &MeshModel) -> Option<BTreeSet<String>> {
     if previous.clusters.len() != next.clusters.len() {
         return None;
@@ -136,35 +188,54 @@ pub fn changed_hosts(previous: &MeshModel, next: &MeshModel) -> Option<BTreeSet<
     let mut hosts = BTreeSet::new();
     for (id, cluster) in &next.clusters {
         let before = previous.clusters.get(id)?;
-        if std::sync::Arc::ptr_eq(before, cluster) {
+        if Arc::ptr_eq(before, cluster) {
             continue;
         }
         if before.network != cluster.network || before.destination_rules != cluster.destination_rules {
             return None;
         }
-        let by_host = |c: &'_ ClusterModel| {
-            let mut map: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-            for (i, s) in c.services.iter().enumerate() {
-                map.entry(s.hostname.clone()).or_default().push(i);
-            }
-            map
-        };
-        let (old, new) = (by_host(before), by_host(cluster));
-        for host in old.keys().chain(new.keys()) {
-            if services_of(before, &old, host) != services_of(cluster, &new, host) {
-                hosts.insert(host.clone());
-            }
-        }
+        changed_services(before, cluster, &mut hosts);
     }
     Some(hosts)
 }
 
-fn services_of<'c>(
-    cluster: &'c ClusterModel,
-    index: &BTreeMap<String, Vec<usize>>,
-    host: &str,
-) -> Vec<&'c ServiceModel> {
-    index.get(host).into_iter().flatten().map(|i| &cluster.services[*i]).collect()
+/// Adds the hostnames whose services differ between two versions of a cluster to `hosts`.
+fn changed_services(before: &ClusterModel, after: &ClusterModel, hosts: &mut BTreeSet<String>) {
+    let same = |a: &Arc<ServiceModel>, b: &Arc<ServiceModel>| Arc::ptr_eq(a, b) || a == b;
+    if before.services.len() == after.services.len() {
+        // The usual change: the services kept their places and a few were replaced.
+        let mut places_kept = true;
+        for (a, b) in before.services.iter().zip(&after.services) {
+            if a.hostname != b.hostname && !Arc::ptr_eq(a, b) {
+                places_kept = false;
+                break;
+            }
+            if !same(a, b) {
+                hosts.insert(b.hostname.clone());
+            }
+        }
+        if places_kept {
+            return;
+        }
+    }
+    // Services came, went or moved: compared by hostname.
+    let by_host = |cluster: &'_ ClusterModel| {
+        let mut map: BTreeMap<String, Vec<Arc<ServiceModel>>> = BTreeMap::new();
+        for service in &cluster.services {
+            map.entry(service.hostname.clone()).or_default().push(Arc::clone(service));
+        }
+        map
+    };
+    let (old, new) = (by_host(before), by_host(after));
+    for host in old.keys().chain(new.keys()) {
+        let unchanged = match (old.get(host), new.get(host)) {
+            (Some(a), Some(b)) => a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same(a, b)),
+            _ => false,
+        };
+        if !unchanged {
+            hosts.insert(host.clone());
+        }
+    }
 }
 
 /// Adds the clusters of one service hostname, defined in one or more clusters of the mesh; returns their names.
@@ -173,7 +244,7 @@ fn add_service(
     host: &str,
     instances: &[(&ClusterModel, &ServiceModel)],
     gateway: &GatewayNode,
-    rules: &RuleLookup<'_>,
+    rules: &RuleLookup,
     options: &ViewOptions,
 ) -> Vec<String> {
     let (_, service) = instances[0];
@@ -191,11 +262,11 @@ fn add_service(
         .collect();
     candidates.sort_by(|a, b| a.order().cmp(&b.order()));
     let rule = rules.lookup(host, &service.namespace);
-    let default_subset = ("", None, rule.and_then(|r| r.traffic_policy).cloned());
+    let default_subset = ("", None, rule.and_then(|r| r.traffic_policy.clone()));
     let subsets = rule.into_iter().flat_map(|rule| {
-        rule.subsets
-            .iter()
-            .map(|s| (s.name.as_str(), Some(&s.labels), merge_policy(rule.traffic_policy, s.traffic_policy.as_ref())))
+        rule.subsets.iter().map(|s| {
+            (s.name.as_str(), Some(&s.labels), merge_policy(rule.traffic_policy.as_ref(), s.traffic_policy.as_ref()))
+        })
     });
     let mut names = Vec::new();
     for (subset, labels, traffic_policy) in std::iter::once(default_subset).chain(subsets) {

@@ -2,7 +2,8 @@
 //! `PushContext.destinationRule` does: the rules of the gateway's own namespace first, then the rules the
 //! service's namespace exports to it, then the ones the root namespace exports to it; in each, the most
 //! specific host wins. Only the rules defined in the gateway's own cluster take part (multi-primary: config
-//! is per cluster), which the caller decides by what it passes in.
+//! is per cluster), which the caller decides by what it passes in. The lookup owns copies of the rules, so that
+//! a gateway's view keeps it from one mesh version to the next (the rules seldom change; services often do).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -16,24 +17,24 @@ use crate::model::{DestinationRuleModel, SubsetModel};
 /// namespace/name order (Istio uses creation time, which the model does not carry), the first top-level
 /// policy is kept and later rules only add subsets with new names.
 #[derive(Debug)]
-pub(crate) struct MergedRule<'a> {
-    pub traffic_policy: Option<&'a TrafficPolicy>,
-    pub subsets: Vec<&'a SubsetModel>,
+pub(crate) struct MergedRule {
+    pub traffic_policy: Option<TrafficPolicy>,
+    pub subsets: Vec<SubsetModel>,
     /// The union of the merged rules' `exportTo`, with `.` resolved to their namespace; empty = everywhere.
-    export_to: BTreeSet<&'a str>,
+    export_to: BTreeSet<String>,
 }
 
-impl<'a> MergedRule<'a> {
-    fn merge(&mut self, rule: &'a DestinationRuleModel, export_to: &BTreeSet<&'a str>) {
+impl MergedRule {
+    fn merge(&mut self, rule: &DestinationRuleModel, export_to: &BTreeSet<&str>) {
         if self.traffic_policy.is_none() {
-            self.traffic_policy = rule.traffic_policy.as_ref();
+            self.traffic_policy.clone_from(&rule.traffic_policy);
         }
         for subset in &rule.subsets {
             if !self.subsets.iter().any(|s| s.name == subset.name) {
-                self.subsets.push(subset);
+                self.subsets.push(subset.clone());
             }
         }
-        self.export_to.extend(export_to);
+        self.export_to.extend(export_to.iter().map(|e| (*e).to_owned()));
     }
 
     fn exported_to(&self, namespace: &str) -> bool {
@@ -41,18 +42,18 @@ impl<'a> MergedRule<'a> {
     }
 }
 
-fn exported_to(export_to: &BTreeSet<&str>, namespace: &str) -> bool {
+fn exported_to<S: std::borrow::Borrow<str> + Ord>(export_to: &BTreeSet<S>, namespace: &str) -> bool {
     export_to.is_empty() || export_to.contains("*") || export_to.contains(namespace)
 }
 
 /// One of istiod's rule indexes: rules merged by resolved host.
 #[derive(Debug, Default)]
-struct HostIndex<'a> {
-    rules: BTreeMap<String, MergedRule<'a>>,
+struct HostIndex {
+    rules: BTreeMap<String, MergedRule>,
 }
 
-impl<'a> HostIndex<'a> {
-    fn insert(&mut self, host: String, rule: &'a DestinationRuleModel, export_to: &BTreeSet<&'a str>) {
+impl HostIndex {
+    fn insert(&mut self, host: String, rule: &DestinationRuleModel, export_to: &BTreeSet<&str>) {
         self.rules
             .entry(host)
             .or_insert_with(|| MergedRule { traffic_policy: None, subsets: Vec::new(), export_to: BTreeSet::new() })
@@ -61,7 +62,7 @@ impl<'a> HostIndex<'a> {
 
     /// `MostSpecificHostMatch`: the exact host, else the longest wildcard (`*.ns.svc.cluster.local`, `*.local`,
     /// `*`) whose suffix the host ends with.
-    fn most_specific(&self, host: &str) -> Option<&MergedRule<'a>> {
+    fn most_specific(&self, host: &str) -> Option<&MergedRule> {
         self.rules.get(host).or_else(|| {
             self.rules
                 .iter()
@@ -73,24 +74,28 @@ impl<'a> HostIndex<'a> {
 }
 
 /// The DestinationRules one gateway sees, indexed for lookups by service.
-#[derive(Debug)]
-pub(crate) struct RuleLookup<'a> {
-    gateway_namespace: &'a str,
-    root_namespace: &'a str,
+#[derive(Debug, Default)]
+pub(crate) struct RuleLookup {
+    gateway_namespace: String,
+    root_namespace: String,
     /// What a proxy of the gateway's namespace looks at first: that namespace's rules visible in it, or,
     /// when the gateway runs in the root namespace, only the root namespace's private rules (so that catch-all
     /// rules there do not hide the services' own rules).
-    local: HostIndex<'a>,
+    local: HostIndex,
     /// Rules exported beyond their namespace, by namespace.
-    exported: BTreeMap<&'a str, HostIndex<'a>>,
+    exported: BTreeMap<String, HostIndex>,
 }
 
-impl<'a> RuleLookup<'a> {
-    pub fn new(rules: &'a [DestinationRuleModel], options: &'a ViewOptions) -> Self {
+impl RuleLookup {
+    pub fn new(rules: &[DestinationRuleModel], options: &ViewOptions) -> Self {
         let gateway_namespace = options.gateway_namespace.as_str();
         let root_namespace = options.root_namespace.as_str();
-        let mut lookup =
-            RuleLookup { gateway_namespace, root_namespace, local: HostIndex::default(), exported: BTreeMap::new() };
+        let mut lookup = RuleLookup {
+            gateway_namespace: gateway_namespace.to_owned(),
+            root_namespace: root_namespace.to_owned(),
+            local: HostIndex::default(),
+            exported: BTreeMap::new(),
+        };
         let mut sorted: Vec<&DestinationRuleModel> = rules.iter().collect();
         sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         for rule in sorted {
@@ -108,7 +113,7 @@ impl<'a> RuleLookup<'a> {
                 lookup.local.insert(host.clone(), rule, &export_to);
             }
             if !private {
-                lookup.exported.entry(namespace).or_default().insert(host, rule, &export_to);
+                lookup.exported.entry(namespace.to_owned()).or_default().insert(host, rule, &export_to);
             }
         }
         lookup
@@ -116,11 +121,11 @@ impl<'a> RuleLookup<'a> {
 
     /// The rule for a service, if any. As in Istio, when the most specific rule of a namespace is not
     /// exported to the gateway, a less specific one of that namespace is not tried.
-    pub fn lookup(&self, host: &str, service_namespace: &str) -> Option<&MergedRule<'a>> {
+    pub fn lookup(&self, host: &str, service_namespace: &str) -> Option<&MergedRule> {
         self.local.most_specific(host).or_else(|| {
-            [service_namespace, self.root_namespace].into_iter().find_map(|namespace| {
+            [service_namespace, self.root_namespace.as_str()].into_iter().find_map(|namespace| {
                 let rule = self.exported.get(namespace)?.most_specific(host)?;
-                rule.exported_to(self.gateway_namespace).then_some(rule)
+                rule.exported_to(&self.gateway_namespace).then_some(rule)
             })
         })
     }
@@ -272,7 +277,7 @@ mod tests {
         let options = ViewOptions::default();
         let lookup = RuleLookup::new(&rules, &options);
         let merged = lookup.lookup(REVIEWS, "default").unwrap();
-        assert_eq!(merged.traffic_policy, Some(&policy(2)));
+        assert_eq!(merged.traffic_policy, Some(policy(2)));
         let names: Vec<_> = merged.subsets.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["v1", "v2", "c"]);
     }

@@ -39,7 +39,7 @@ fn helloworld(endpoints: Vec<EndpointModel>) -> ServiceModel {
 }
 
 fn cluster(id: &str, services: Vec<ServiceModel>) -> ClusterModel {
-    ClusterModel { id: id.to_owned(), services, ..Default::default() }
+    ClusterModel { id: id.to_owned(), services: services.into_iter().map(Arc::new).collect(), ..Default::default() }
 }
 
 fn mesh(clusters: Vec<ClusterModel>) -> MeshModel {
@@ -403,7 +403,7 @@ fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
 
     // One endpoint of helloworld in cluster1 changes: only helloworld is named.
     let mut changed = one.clone();
-    changed.services[0].endpoints[0].ready = false;
+    Arc::make_mut(&mut changed.services[0]).endpoints[0].ready = false;
     let after = MeshModel { clusters: [("cluster1".into(), Arc::new(changed)), ("cluster2".into(), two)].into() };
     let hosts = changed_hosts(&before, &after).unwrap();
     assert_eq!(hosts, BTreeSet::from([HOST.to_owned()]));
@@ -413,7 +413,7 @@ fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
     let options = ViewOptions::default();
     let mut kept = GatewayView::default();
     kept.rebuild(&before, &gateway, &options);
-    let touched = kept.update(&after, &gateway, &options, &hosts);
+    let touched = kept.update(&after, &ServiceIndex::new(&after), &gateway, &options, &hosts);
     assert_eq!(kept.clusters(), &view(&after, &gateway));
     assert_eq!(touched, BTreeSet::from([key(5000, ""), key(5000, "v1")]), "v2 holds only cluster2's pod: unchanged");
 
@@ -434,7 +434,58 @@ fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
     };
     let hosts = changed_hosts(&after, &gone).unwrap();
     assert_eq!(hosts, BTreeSet::from(["reviews.sample.svc.cluster.local".to_owned()]));
-    let touched = kept.update(&gone, &gateway, &options, &hosts);
+    let touched = kept.update(&gone, &ServiceIndex::new(&gone), &gateway, &options, &hosts);
     assert_eq!(kept.clusters(), &view(&gone, &gateway));
     assert_eq!(touched, BTreeSet::from(["outbound_.5000_._.reviews.sample.svc.cluster.local".to_owned()]));
+}
+
+#[test]
+fn a_service_added_beside_another_clusters_one_is_found_by_the_index_and_the_view_follows() {
+    let reviews = || service("reviews", "sample", vec![endpoint("10.0.1.1", &[])]);
+    let one = cluster("cluster1", vec![helloworld(vec![endpoint("10.0.0.1", &[])]), reviews()]);
+    let two = cluster("cluster2", vec![reviews()]);
+    let first = crate::server::MeshVersion::whole(mesh(vec![one, two]), 1);
+    let gateway = gateway("cluster1", &[]);
+    let options = ViewOptions::default();
+    let mut kept = GatewayView::default();
+    kept.rebuild(&first.mesh, &gateway, &options);
+    let follow = |kept: &mut GatewayView, version: &crate::server::MeshVersion| {
+        let hosts = version.changed_hosts.as_deref().expect("the changes are known");
+        kept.update(&version.mesh, &version.services, &gateway, &options, hosts);
+        assert_eq!(kept.clusters(), &view(&version.mesh, &gateway));
+        hosts.clone()
+    };
+
+    // helloworld comes to cluster2, ahead of reviews: cluster2's services move.
+    let mut added = first.mesh.clone();
+    let services = &mut Arc::make_mut(added.clusters.get_mut("cluster2").unwrap()).services;
+    services.insert(0, Arc::new(helloworld(vec![endpoint("10.1.0.1", &[])])));
+    let second = first.next(added, std::time::Instant::now());
+    assert_eq!(follow(&mut kept, &second), BTreeSet::from([HOST.to_owned()]));
+    assert_eq!(kept.clusters()[&key(5000, "")].endpoints.len(), 2);
+
+    // Its endpoint in cluster2 changes, places kept: found there by the index carried over.
+    let mut changed = second.mesh.clone();
+    let services = &mut Arc::make_mut(changed.clusters.get_mut("cluster2").unwrap()).services;
+    Arc::make_mut(&mut services[0]).endpoints[0].address = "10.1.0.2".parse().unwrap();
+    let third = second.next(changed, std::time::Instant::now());
+    assert_eq!(follow(&mut kept, &third), BTreeSet::from([HOST.to_owned()]));
+    let addresses: Vec<&str> = kept.clusters()[&key(5000, "")].endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, ["10.0.0.1:15000", "10.1.0.2:15000"]);
+}
+
+#[test]
+fn a_model_built_afresh_shares_what_did_not_change() {
+    let reviews = || service("reviews", "sample", vec![endpoint("10.0.1.1", &[])]);
+    let previous = mesh(vec![cluster("cluster1", vec![helloworld(vec![endpoint("10.0.0.1", &[])]), reviews()])]);
+    let mut same = mesh(vec![cluster("cluster1", vec![helloworld(vec![endpoint("10.0.0.1", &[])]), reviews()])]);
+    assert!(same.share_unchanged(&previous));
+    assert!(Arc::ptr_eq(&same.clusters["cluster1"], &previous.clusters["cluster1"]));
+
+    let mut next = mesh(vec![cluster("cluster1", vec![helloworld(vec![endpoint("10.0.0.2", &[])]), reviews()])]);
+    assert!(!next.share_unchanged(&previous));
+    let (before, after) = (&previous.clusters["cluster1"].services, &next.clusters["cluster1"].services);
+    assert!(Arc::ptr_eq(&before[1], &after[1]), "reviews is shared");
+    assert!(!Arc::ptr_eq(&before[0], &after[0]));
+    assert_eq!(changed_hosts(&previous, &next), Some(BTreeSet::from([HOST.to_owned()])));
 }

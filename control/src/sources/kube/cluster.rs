@@ -275,12 +275,13 @@ impl Publisher {
         };
         let mut rules = DestinationRuleCache::default();
         loop {
-            let model = Arc::new(self.stores.build(&ctx, &mut rules));
+            let mut model = self.stores.build(&ctx, &mut rules);
             self.updates.send_if_modified(|mesh| {
-                if mesh.clusters.get(&self.id) == Some(&model) {
+                // The services that did not change keep their `Arc`s: the debounce compares the others alone.
+                if mesh.clusters.get(&self.id).is_some_and(|previous| model.share_unchanged(previous)) {
                     return false;
                 }
-                mesh.clusters.insert(self.id.clone(), model);
+                mesh.clusters.insert(self.id.clone(), Arc::new(model));
                 true
             });
             self.changed.notified().await;

@@ -134,7 +134,7 @@ impl Harness {
 }
 
 fn find_service<'a>(cluster: &'a ClusterModel, name: &str) -> Option<&'a ServiceModel> {
-    cluster.services.iter().find(|s| s.namespace == NS && s.name == name)
+    cluster.services.iter().find(|s| s.namespace == NS && s.name == name).map(|s| &**s)
 }
 
 fn endpoint<'a>(service: &'a ServiceModel, address: &str) -> Option<&'a EndpointModel> {

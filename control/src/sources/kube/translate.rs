@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -76,7 +77,7 @@ impl Stores {
             id: ctx.cluster_id.to_owned(),
             destination_rules: rules.translate(&self.destination_rules.state()),
             network,
-            services,
+            services: services.into_iter().map(Arc::new).collect(),
         }
     }
 
