@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use crossgate_benches::backend::BackendKind;
 use crossgate_benches::harness::{self, Options, Phase};
 use crossgate_benches::targets::{Kind, Launch};
 
@@ -37,9 +38,15 @@ struct Cli {
     /// Idle tunnels held open for the memory figure.
     #[arg(long)]
     idle_tunnels: Option<usize>,
-    /// Phases to run, comma-separated (idle, bulk, rr, conn); one alone is handy under a profiler.
+    /// Phases to run, comma-separated (idle, bulk, rr, open, conn); one alone is handy under a profiler.
     #[arg(long, value_delimiter = ',', value_enum)]
     phases: Option<Vec<Phase>>,
+    /// The workload behind every target: nginx serving HTTP over TLS, or the harness's own echo server.
+    #[arg(long, value_enum)]
+    backend: Option<BackendKind>,
+    /// The two open-loop loads, as fractions of the direct path's closed-loop request rate (e.g. 0.25,0.5).
+    #[arg(long, value_delimiter = ',', num_args = 2)]
+    open_loads: Option<Vec<f64>>,
 }
 
 fn parse_kind(name: &str) -> Result<Kind, String> {
@@ -71,6 +78,10 @@ fn main() -> ExitCode {
     options.phase = cli.seconds.map_or(options.phase, Duration::from_secs_f64);
     options.idle_tunnels = cli.idle_tunnels.unwrap_or(options.idle_tunnels);
     options.phases = cli.phases.unwrap_or(options.phases);
+    options.backend = cli.backend.unwrap_or(options.backend);
+    if let Some([low, high]) = cli.open_loads.as_deref() {
+        options.open_loads = [*low, *high];
+    }
 
     match harness::run(&options) {
         Err(error) => {

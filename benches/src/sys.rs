@@ -1,5 +1,6 @@
-//! What the harness reads from the kernel: a process tree's memory and CPU time, the TIME_WAIT count, the
-//! machine it runs on; and the file-descriptor limit it raises for itself and the peers it starts.
+//! What the harness reads from the kernel: the CPU time of a process tree or of some of the harness's own
+//! threads, a process tree's memory, the TIME_WAIT count, the machine it runs on; and the file-descriptor
+//! limit it raises for itself and the peers it starts.
 
 use std::fs;
 
@@ -28,22 +29,61 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
 
 /// The fields of /proc/PID/stat after the command name (which may hold spaces): state is 0, ppid 1.
 fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let (_, rest) = text.rsplit_once(')')?;
-    Some(rest.split_whitespace().map(str::to_owned).collect())
+    Some(stat_at(&format!("/proc/{pid}/stat"))?.1)
 }
 
-/// User plus system CPU seconds spent so far by `pid`'s tree.
-pub fn cpu_seconds(pid: u32) -> f64 {
-    let ticks: u64 = process_tree(pid)
+/// A stat file's command (a thread's name) and the fields after it.
+fn stat_at(path: &str) -> Option<(String, Vec<String>)> {
+    let text = fs::read_to_string(path).ok()?;
+    let (head, rest) = text.rsplit_once(')')?;
+    let (_, comm) = head.split_once('(')?;
+    Some((comm.to_owned(), rest.split_whitespace().map(str::to_owned).collect()))
+}
+
+/// utime plus stime, in ticks. The kernel scales both so that their sum is the task's exact run time
+/// (sum_exec_runtime), so the only error is the tick's 10 ms.
+fn cpu_ticks(fields: &[String]) -> Option<u64> {
+    // utime and stime are fields 14 and 15 of the whole line.
+    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+}
+
+/// Whose CPU time a figure counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Account {
+    /// A process and everything below it: nginx's workers are children of its master, and count as it.
+    Tree(u32),
+    /// The threads of this process whose names start with one of the prefixes: the own backend's runtime, an
+    /// in-process crossgate's.
+    Threads(&'static [&'static str]),
+    /// This process (its exited threads included) less the threads named by those prefixes: the load client.
+    ThisProcessExcept(&'static [&'static [&'static str]]),
+}
+
+impl Account {
+    /// User plus system CPU seconds spent so far.
+    pub fn cpu_seconds(self) -> f64 {
+        let ticks: u64 = match self {
+            Account::Tree(pid) => process_tree(pid).into_iter().filter_map(|p| cpu_ticks(&stat_fields(p)?)).sum(),
+            Account::Threads(prefixes) => threads_named(prefixes),
+            Account::ThisProcessExcept(prefixes) => {
+                let all = stat_at("/proc/self/stat").and_then(|(_, fields)| cpu_ticks(&fields)).unwrap_or(0);
+                all.saturating_sub(prefixes.iter().map(|prefixes| threads_named(prefixes)).sum())
+            }
+        };
+        ticks as f64 / TICKS_PER_SECOND
+    }
+}
+
+/// CPU ticks of this process's live threads whose names start with one of `prefixes`.
+fn threads_named(prefixes: &[&str]) -> u64 {
+    fs::read_dir("/proc/self/task")
         .into_iter()
-        .filter_map(|p| {
-            let fields = stat_fields(p)?;
-            // utime and stime are fields 14 and 15 of the whole line.
-            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-        })
-        .sum();
-    ticks as f64 / TICKS_PER_SECOND
+        .flatten()
+        .flatten()
+        .filter_map(|task| stat_at(&task.path().join("stat").display().to_string()))
+        .filter(|(name, _)| prefixes.iter().any(|prefix| name.starts_with(prefix)))
+        .filter_map(|(_, fields)| cpu_ticks(&fields))
+        .sum()
 }
 
 /// Resident memory of `pid`'s tree, in KiB.

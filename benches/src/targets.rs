@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use crossgate_proxy::route::ISTIO_MTLS_ALPNS;
 use crossgate_proxy::testing::gateway::{TempDir, TestGateway};
+
 use serde::Serialize;
+
+use crate::sys::Account;
 
 /// Descriptors a proxy keeps beside its tunnels (listeners, logs, its runtime).
 pub const FD_RESERVE: u64 = 512;
@@ -137,19 +140,10 @@ impl Target {
             }
             Launch::Binary(program) => {
                 let args = self.write_config(dir.path(), workers, listen, backend, nofile)?;
-                let log = std::fs::File::create(dir.path().join("log"))?;
-                let child = Command::new(program)
-                    .args(&args)
-                    .env("RUST_LOG", "warn")
-                    .stdin(Stdio::null())
-                    .stdout(log.try_clone()?)
-                    .stderr(log)
-                    .spawn()
-                    .with_context(|| format!("cannot start {}", program.display()))?;
-                (listen, Some(child), None)
+                (listen, Some(spawn(program, &args, dir.path())?), None)
             }
         };
-        Ok(Running { address, process, _in_process: in_process, dir })
+        Ok(Running { address, process, in_process, dir })
     }
 
     /// Writes this peer's config into `dir` and returns its command line.
@@ -190,11 +184,7 @@ impl Target {
                 haproxy_config(workers, listen, backend, nofile),
                 vec!["-db".into(), "-f".into(), file("haproxy.cfg")],
             ),
-            Kind::Nginx => (
-                "nginx.conf",
-                nginx_config(workers, listen, backend, nofile, dir),
-                vec!["-p".into(), file(""), "-e".into(), file("error.log"), "-c".into(), file("nginx.conf")],
-            ),
+            Kind::Nginx => ("nginx.conf", nginx_config(workers, listen, backend, nofile, dir), nginx_args(dir)),
             Kind::Sniproxy => (
                 "sniproxy.conf",
                 sniproxy_config(listen, backend, dir),
@@ -213,43 +203,80 @@ pub struct Running {
     pub address: SocketAddr,
     process: Option<Child>,
     /// Held for its drop, which stops the in-process gateway.
-    _in_process: Option<InProcess>,
+    in_process: Option<InProcess>,
     dir: TempDir,
 }
 
 impl Running {
-    /// The process to account CPU and memory to, when the target has one of its own.
+    /// The process to account memory to, when the target has one of its own.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(Child::id)
     }
 
+    /// Whose CPU time is the proxy's: its process tree, or the threads of an in-process crossgate.
+    pub fn account(&self) -> Option<Account> {
+        match (&self.process, &self.in_process) {
+            (Some(child), _) => Some(Account::Tree(child.id())),
+            (None, Some(_)) => Some(Account::Threads(IN_PROCESS_THREADS)),
+            (None, None) => None,
+        }
+    }
+
     /// Whether it exited on its own, with the end of its log: why it did not become ready.
     pub fn exit_report(&mut self) -> Option<String> {
-        let status = self.process.as_mut()?.try_wait().ok()??;
-        let log = std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        Some(format!("exited with {status}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
+        exit_report(self.process.as_mut()?, self.dir.path())
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let Some(child) = self.process.as_mut() else { return };
-        // A signal first, as nginx's master takes its workers down on one but not on SIGKILL; SIGINT, as crossgate
-        // drains for seconds on SIGTERM. Every peer stops at once on it.
-        let tree = crate::sys::process_tree(child.id());
-        let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).stderr(Stdio::null()).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.process.as_mut() {
+            stop(child);
         }
-        for pid in tree.iter().skip(1).filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
-            let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
-        }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
+
+/// Starts `program` with its output into `dir`/log.
+pub(crate) fn spawn(program: &Path, args: &[String], dir: &Path) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(dir.join("log"))?;
+    Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+/// Whether a process [`spawn`]ed into `dir` exited, with the end of its log.
+pub(crate) fn exit_report(child: &mut Child, dir: &Path) -> Option<String> {
+    let status = child.try_wait().ok()??;
+    let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+    let tail: Vec<&str> = log.lines().rev().take(5).collect();
+    Some(format!("exited with {status}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | ")))
+}
+
+/// Stops a started process and everything below it.
+pub(crate) fn stop(child: &mut Child) {
+    // A signal first, as nginx's master takes its workers down on one but not on SIGKILL; SIGINT, as crossgate
+    // drains for seconds on SIGTERM. Every peer stops at once on it.
+    let tree = crate::sys::process_tree(child.id());
+    let _ = Command::new("kill").arg("-INT").arg(child.id().to_string()).stderr(Stdio::null()).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for pid in tree.iter().skip(1).filter(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+        let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// The threads of an in-process crossgate, for their CPU time: its runtime's, its workers' and its admin
+/// server's (thread names stop at 15 bytes; "crossgate-bench" is the harness's main thread).
+pub const IN_PROCESS_THREADS: &[&str] = &["bench-crossgate", "crossgate-work", "crossgate-admi"];
 
 /// crossgate on its own runtime inside the harness.
 #[derive(Debug)]
@@ -261,7 +288,11 @@ struct InProcess {
 
 impl InProcess {
     fn start(workers: usize, backend: SocketAddr) -> anyhow::Result<InProcess> {
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name(IN_PROCESS_THREADS[0])
+            .enable_all()
+            .build()?;
         let gateway = runtime.block_on(TestGateway::start(&crossgate_resources(backend), &[]));
         Ok(InProcess { listen: gateway.listen, gateway: Some(gateway), runtime: Some(runtime) })
     }
@@ -357,24 +388,13 @@ backend echo
 }
 
 /// The stream module with ssl_preread; an unknown SNI or a hello without Istio's ALPNs goes to an upstream
-/// whose only server is down, so it is closed without reaching the backend. A worker's connections count
-/// both sides of a tunnel and its listener, so they are as many as it may open files.
+/// whose only server is down, so it is closed without reaching the backend.
 fn nginx_config(workers: usize, listen: SocketAddr, backend: SocketAddr, nofile: u64, dir: &Path) -> String {
-    let connections = nofile;
     let alpns = alpn_names().map(|alpn| alpn.replace('.', "\\.")).collect::<Vec<_>>().join("|");
-    let mut config = String::new();
-    // Debian builds the stream module as a dynamic module.
-    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
-    if module.exists() {
-        let _ = writeln!(config, "load_module {};", module.display());
-    }
+    let mut config = nginx_main(&workers.to_string(), nofile, dir);
     let _ = write!(
         config,
-        r#"daemon off;
-master_process on;
-worker_processes {workers};
-pid {pid};
-events {{ worker_connections {connections}; }}
+        r#"
 stream {{
     map_hash_bucket_size 128;
     map $ssl_preread_alpn_protocols $istio_alpn {{
@@ -397,10 +417,32 @@ stream {{
         proxy_half_close on;
     }}
 }}
-"#,
-        pid = dir.join("nginx.pid").display()
+"#
     );
     config
+}
+
+/// The top of an nginx config: the stream module where Debian builds it as a dynamic module, in the
+/// foreground with `workers` worker processes and its pid file in `dir`. A worker's connections count both
+/// sides of a tunnel and its listener, so they are as many as it may open files.
+pub(crate) fn nginx_main(workers: &str, nofile: u64, dir: &Path) -> String {
+    let mut config = String::new();
+    let module = Path::new("/usr/lib/nginx/modules/ngx_stream_module.so");
+    if module.exists() {
+        let _ = writeln!(config, "load_module {};", module.display());
+    }
+    let _ = write!(
+        config,
+        "daemon off;\nmaster_process on;\nworker_processes {workers};\npid {};\nevents {{ worker_connections {nofile}; }}",
+        dir.join("nginx.pid").display()
+    );
+    config
+}
+
+/// nginx's command line for the `nginx.conf` in `dir`, with `dir` as its prefix.
+pub(crate) fn nginx_args(dir: &Path) -> Vec<String> {
+    let file = |name: &str| dir.join(name).display().to_string();
+    vec!["-p".into(), file(""), "-e".into(), file("error.log"), "-c".into(), file("nginx.conf")]
 }
 
 /// One listener, one table entry (a regex on the SNI); no fallback, so an unknown SNI is closed.
@@ -427,7 +469,7 @@ table bench {{
 }
 
 /// A port the kernel says is free now (there is a small race until the target binds it).
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
