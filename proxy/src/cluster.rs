@@ -190,7 +190,7 @@ impl Cluster {
     }
 
     /// Picks endpoints and connects, trying up to `attempts` different endpoints; each failure is counted and
-    /// reported to outlier detection.
+    /// reported to outlier detection, but for the gateway's own (local resources), which ends the attempts.
     async fn connect(&self, source: SocketAddr, attempts: usize) -> Result<(TcpStream, Picked), RejectReason> {
         let mut tried = Vec::new();
         for _ in 0..attempts {
@@ -205,6 +205,11 @@ impl Cluster {
                 Ok(Ok(stream)) => {
                     self.lb.report(picked.index, Outcome::ConnectSuccess, now);
                     return Ok((stream, picked));
+                }
+                // Another endpoint would fail the same way, and this one did nothing wrong.
+                Ok(Err(error)) if forward::is_local_fault(&error) => {
+                    tracing::warn!(cluster = %self.name, %address, %error, "no resources to connect upstream");
+                    return Err(RejectReason::LocalResources);
                 }
                 Ok(Err(error)) => {
                     self.lb.report(picked.index, Outcome::ConnectFailure, now);

@@ -284,19 +284,21 @@ async fn connect_passthrough<'s>(
     shared: &Shared,
 ) -> Result<Option<Upstream<'s>>, RejectReason> {
     let connect = async {
-        let addresses = tokio::net::lookup_host(&passthrough.upstream).await.ok()?;
+        let Ok(addresses) = tokio::net::lookup_host(&passthrough.upstream).await else {
+            return Err(RejectReason::UpstreamConnectFailed);
+        };
         for address in addresses.take(shared.limits.connect_attempts) {
             match timeout(passthrough.connect_timeout, forward::connect_to(address, &shared.limits.keepalive)).await {
-                Ok(Ok(stream)) => return Some(stream),
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(error)) if forward::is_local_fault(&error) => return Err(RejectReason::LocalResources),
                 _ => passthrough.connect_failures.increment(1),
             }
         }
-        None
+        Err(RejectReason::UpstreamConnectFailed)
     };
-    let Some(mut stream) = connect.await else {
-        tracing::debug!(upstream = %passthrough.upstream, "passthrough upstream unreachable");
-        return Err(RejectReason::UpstreamConnectFailed);
-    };
+    let mut stream = connect.await.inspect_err(|reason| {
+        tracing::debug!(upstream = %passthrough.upstream, reason = reason.label(), "passthrough upstream not connected");
+    })?;
     if stream.write_all(hello_bytes).await.is_err() {
         return Ok(None);
     }

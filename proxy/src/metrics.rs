@@ -68,6 +68,9 @@ pub enum RejectReason {
     NoHealthyUpstream,
     /// Every attempted endpoint refused or timed out (Envoy: UF).
     UpstreamConnectFailed,
+    /// The gateway itself ran out of descriptors, memory, buffers or local ports while connecting upstream: its
+    /// own fault, never blamed on an endpoint.
+    LocalResources,
 }
 
 impl From<&HelloError> for RejectReason {
@@ -82,7 +85,8 @@ impl From<&HelloError> for RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 13] = [
+    /// Every reason, in declaration order (`reason as usize` indexes per-reason arrays).
+    pub const ALL: [RejectReason; 14] = [
         RejectReason::NotTls,
         RejectReason::NotClientHello,
         RejectReason::MalformedHello,
@@ -96,6 +100,7 @@ impl RejectReason {
         RejectReason::UpstreamOverflow,
         RejectReason::NoHealthyUpstream,
         RejectReason::UpstreamConnectFailed,
+        RejectReason::LocalResources,
     ];
 
     pub fn label(self) -> &'static str {
@@ -113,6 +118,7 @@ impl RejectReason {
             RejectReason::UpstreamOverflow => "upstream_overflow",
             RejectReason::NoHealthyUpstream => "no_healthy_upstream",
             RejectReason::UpstreamConnectFailed => "upstream_connect_failed",
+            RejectReason::LocalResources => "local_resources",
         }
     }
 
@@ -306,5 +312,19 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_sits_at_its_own_index_with_its_own_label() {
+        for (index, reason) in RejectReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{reason:?}");
+        }
+        let labels: std::collections::HashSet<_> = RejectReason::ALL.iter().map(|r| r.label()).collect();
+        assert_eq!(labels.len(), RejectReason::ALL.len());
     }
 }

@@ -42,6 +42,14 @@ pub enum TunnelEnd {
     Terminated,
 }
 
+/// Whether a connect error is the gateway's own fault (out of descriptors, memory, socket buffers or local
+/// ports), which says nothing about the endpoint.
+pub fn is_local_fault(error: &io::Error) -> bool {
+    use nix::errno::Errno;
+    let local = [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM, Errno::EADDRNOTAVAIL];
+    error.raw_os_error().is_some_and(|code| local.contains(&Errno::from_raw(code)))
+}
+
 pub async fn connect_to(address: SocketAddr, keepalive: &Keepalive) -> io::Result<TcpStream> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     tune_socket(SockRef::from(&socket), keepalive)?;
@@ -225,6 +233,20 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn the_gateways_own_shortages_are_told_from_an_endpoints_refusal() {
+        use nix::errno::Errno;
+        for code in [Errno::EMFILE, Errno::ENFILE, Errno::ENOBUFS, Errno::ENOMEM, Errno::EADDRNOTAVAIL] {
+            assert!(is_local_fault(&io::Error::from_raw_os_error(code as i32)), "{code}");
+        }
+        // A real refusal: nothing listens on a port just released.
+        let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let keepalive = Keepalive { time: Duration::from_secs(1), interval: Duration::from_secs(1), probes: 1 };
+        let refused = connect_to(port, &keepalive).await.unwrap_err();
+        assert!(!is_local_fault(&refused), "{refused}");
+        assert!(!is_local_fault(&io::Error::from_raw_os_error(Errno::ETIMEDOUT as i32)));
+    }
 
     async fn pair() -> (TcpStream, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
