@@ -306,7 +306,7 @@ impl Bench<'_> {
 
         if runs(Phase::Rr) {
             progress.phase("request/response");
-            let connections = self.connections(&load, &mut sample.failures)?;
+            let connections = self.connections(&load, self.options.rr_connections, &mut sample.failures)?;
             let before = meter.read();
             let (tally, latencies, elapsed) = client.block_on(load.request_response(connections, self.options.phase));
             sample.failures.extend(failure("request/response", &tally));
@@ -319,7 +319,9 @@ impl Bench<'_> {
         if let Some(direct) = direct_rr_per_s.filter(|_| runs(Phase::Open)) {
             for (slot, fraction) in sample.open_loop.iter_mut().zip(self.options.open_loads) {
                 progress.phase(&format!("open loop at {:.0}%", fraction * 100.0));
-                let connections = self.connections(&load, &mut sample.failures)?;
+                // Four times the closed loop's connections, so that requests queue on a connection only
+                // when the target falls behind, not at the fixed load's mean.
+                let connections = self.connections(&load, 4 * self.options.rr_connections, &mut sample.failures)?;
                 let (tally, latencies, run) =
                     client.block_on(load.open_loop(connections, direct * fraction, self.options.phase));
                 sample.failures.extend(failure("open loop", &tally));
@@ -348,8 +350,7 @@ impl Bench<'_> {
     }
 
     /// The kept-alive connections of a request/response phase, all of them or an error.
-    fn connections(&self, load: &Load, failures: &mut Vec<String>) -> anyhow::Result<Vec<Tls>> {
-        let count = self.options.rr_connections;
+    fn connections(&self, load: &Load, count: usize, failures: &mut Vec<String>) -> anyhow::Result<Vec<Tls>> {
         let (tally, connections) = self.client_runtime.block_on(load.hold(count, count));
         failures.extend(failure("opening kept-alive connections", &tally));
         anyhow::ensure!(connections.len() == count, "{} of {count} connections opened", connections.len());

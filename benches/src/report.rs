@@ -529,8 +529,10 @@ fn summarize(samples: &[Sample]) -> Vec<Row> {
                         Some(median_of(k, w, figure)? - direct.filter(|_| figure.over_direct()).unwrap_or(0.0))
                     });
                     let best = if figure.higher_is_better { peers.reduce(f64::max) } else { peers.reduce(f64::min) };
-                    let ratio =
-                        |reference: Option<f64>| reference.filter(|r| *r > 0.0 && figure.compared).map(|r| value / r);
+                    // An added latency below the direct path's has no meaningful ratio.
+                    let ratio = |reference: Option<f64>| {
+                        reference.filter(|r| *r > 0.0 && value >= 0.0 && figure.compared).map(|r| value / r)
+                    };
                     let vs_direct = if figure.over_direct() { None } else { ratio(direct) };
                     Some((figure.key, Cell { median: value, vs_direct, vs_best_peer: ratio(best) }))
                 })
