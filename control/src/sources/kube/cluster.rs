@@ -1,9 +1,11 @@
 //! One cluster's watchers: a reflector per resource type, and a task that rebuilds the cluster's model from their
-//! stores after each burst of changes and publishes it into the mesh.
+//! stores after each burst of changes and publishes it into the mesh. Each watcher records what a change touched
+//! (a Service, an EndpointSlice, a pod; anything, for a relist, the system namespace or a node), so that only the
+//! touched Services are built again.
 
 use std::fmt::Debug;
 use std::hash::Hash;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -23,7 +25,7 @@ use tracing::info;
 use super::KubeOptions;
 use super::destination_rule::DestinationRuleCache;
 use super::status::{ClusterStatus, ResourceStatus, SyncStatuses};
-use super::translate::{Context, Stores};
+use super::translate::{Built, Context, Stores, Touched, service_of};
 use crate::model::MeshModel;
 
 const SERVICES: &str = "services";
@@ -53,28 +55,49 @@ impl ClusterWatcher {
         statuses: watch::Sender<SyncStatuses>,
     ) -> Self {
         let status = ClusterStatus::new(id, &RESOURCES, statuses);
-        let mut spawner = Spawner { tasks: JoinSet::new(), status: status.clone(), changed: Arc::new(Notify::new()) };
+        let mut spawner = Spawner {
+            tasks: JoinSet::new(),
+            status: status.clone(),
+            changed: Arc::new(Notify::new()),
+            touched: Arc::default(),
+        };
         let all = watcher::Config::default();
         let destination_rules = spawner.reflector(
             Api::all_with(client.clone(), &destination_rule_resource()),
             all.clone(),
             DESTINATION_RULES,
-            trim_destination_rule,
+            Trim { trim: trim_destination_rule, touch: |_, touched| touched.destination_rules = true },
             destination_rule_resource(),
         );
         let stores = Stores {
-            services: spawner.reflect(Api::all(client.clone()), all.clone(), SERVICES, trim_service),
-            slices: spawner.reflect(Api::all(client.clone()), all.clone(), ENDPOINT_SLICES, trim_slice),
+            services: spawner.reflect(
+                Api::all(client.clone()),
+                all.clone(),
+                SERVICES,
+                Trim { trim: trim_service, touch: touch_service },
+            ),
+            slices: spawner.reflect(
+                Api::all(client.clone()),
+                all.clone(),
+                ENDPOINT_SLICES,
+                Trim { trim: trim_slice, touch: touch_slice },
+            ),
             // Failed pods serve nothing: the server leaves them out, and an endpoint whose pod is absent is skipped.
-            pods: spawner.reflect(Api::all(client.clone()), all.clone().fields("status.phase!=Failed"), PODS, trim_pod),
+            pods: spawner.reflect(
+                Api::all(client.clone()),
+                all.clone().fields("status.phase!=Failed"),
+                PODS,
+                Trim { trim: trim_pod, touch: touch_pod },
+            ),
             // Only the system namespace matters: its network label is the cluster's network.
             namespaces: spawner.reflect(
                 Api::all(client.clone()),
                 all.clone().fields(&format!("metadata.name={}", options.system_namespace)),
                 NAMESPACES,
-                trim_namespace,
+                Trim { trim: trim_namespace, touch: touch_all },
             ),
-            nodes: spawner.reflect(Api::all(client), all, NODES, trim_node),
+            // A node's labels are the locality of the pods on it that have none of their own; they seldom change.
+            nodes: spawner.reflect(Api::all(client), all, NODES, Trim { trim: trim_node, touch: touch_all }),
             destination_rules: destination_rules.writer.as_reader(),
         };
         spawner.tasks.spawn(reflect_destination_rules(destination_rules, options.destination_rule_recheck));
@@ -86,6 +109,7 @@ impl ClusterWatcher {
             stores,
             status: status.clone(),
             changed: spawner.changed,
+            touched: spawner.touched,
             updates,
         };
         spawner.tasks.spawn(publisher.run());
@@ -105,6 +129,8 @@ struct Spawner {
     status: ClusterStatus,
     /// Signalled by every watcher on a change that may alter the model.
     changed: Arc<Notify>,
+    /// What those changes touched.
+    touched: Arc<Mutex<Touched>>,
 }
 
 impl Spawner {
@@ -114,7 +140,7 @@ impl Spawner {
         api: Api<K>,
         config: watcher::Config,
         resource: &'static str,
-        trim: fn(&mut K),
+        trim: Trim<K>,
         dyntype: K::DynamicType,
     ) -> Reflect<K>
     where
@@ -129,11 +155,12 @@ impl Spawner {
             trim,
             status: self.status.resource(resource),
             changed: self.changed.clone(),
+            touched: self.touched.clone(),
         }
     }
 
     /// Starts watching `K`; returns its store.
-    fn reflect<K>(&mut self, api: Api<K>, config: watcher::Config, resource: &'static str, trim: fn(&mut K)) -> Store<K>
+    fn reflect<K>(&mut self, api: Api<K>, config: watcher::Config, resource: &'static str, trim: Trim<K>) -> Store<K>
     where
         K: Resource + Clone + DeserializeOwned + Debug + PartialEq + Send + Sync + 'static,
         K::DynamicType: Default + Eq + Hash + Clone + Send + Sync,
@@ -155,10 +182,18 @@ where
     config: watcher::Config,
     writer: Writer<K>,
     dyntype: K::DynamicType,
-    /// Drops what the model never reads, to keep the stores small and to ignore changes to those parts.
-    trim: fn(&mut K),
+    trim: Trim<K>,
     status: ResourceStatus,
     changed: Arc<Notify>,
+    touched: Arc<Mutex<Touched>>,
+}
+
+/// What a watcher does with each object of its type.
+struct Trim<K> {
+    /// Drops what the model never reads, to keep the stores small and to ignore changes to those parts.
+    trim: fn(&mut K),
+    /// Records what a change of the object touches (its version before the change, then after).
+    touch: fn(&K, &mut Touched),
 }
 
 impl<K> Reflect<K>
@@ -176,7 +211,7 @@ where
             let mut stream = std::pin::pin!(stream);
             while let Some(item) = stream.next().await {
                 match item {
-                    Ok(event) => self.apply(event.modify(self.trim)),
+                    Ok(event) => self.apply(event.modify(self.trim.trim)),
                     Err(e) => {
                         let restart = matches!(e, watcher::Error::WatchStartFailed(_));
                         // A failed watch read (WatchFailed) or a non-410 in-stream error keeps the watch going.
@@ -197,23 +232,34 @@ where
     }
 
     fn apply(&mut self, event: Event<K>) {
-        let relevant = match &event {
+        let (relevant, before) = match &event {
             Event::Apply(obj) => {
-                let key = obj.to_object_ref(self.dyntype.clone());
-                self.writer.as_reader().get(&key).as_deref() != Some(obj)
+                let before = self.writer.as_reader().get(&obj.to_object_ref(self.dyntype.clone()));
+                (before.as_deref() != Some(obj), before)
             }
-            Event::Delete(_) | Event::InitDone => true,
+            Event::Delete(_) | Event::InitDone => (true, None),
             Event::Init => {
                 self.status.relisting();
-                false
+                (false, None)
             }
-            Event::InitApply(_) => false,
+            Event::InitApply(_) => (false, None),
         };
         self.writer.apply_watcher_event(&event);
         if matches!(event, Event::InitDone) {
             self.status.listed();
         }
         if relevant {
+            // Recorded once the store holds the change, and before the publisher is woken: a build that takes
+            // this record reads the store as changed.
+            let mut touched = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+            match &event {
+                Event::Apply(obj) | Event::Delete(obj) => {
+                    before.iter().for_each(|before| (self.trim.touch)(before, &mut touched));
+                    (self.trim.touch)(obj, &mut touched);
+                }
+                _ => touched.all = true,
+            }
+            drop(touched);
             self.changed.notify_one();
         }
     }
@@ -252,7 +298,8 @@ fn destination_rule_resource() -> ApiResource {
     )
 }
 
-/// Rebuilds the cluster's model after changes, at most once per `debounce`, and publishes it when it differs.
+/// Rebuilds the touched parts of the cluster's model after changes, at most once per `debounce`, and publishes it
+/// when it differs.
 struct Publisher {
     id: String,
     system_namespace: String,
@@ -261,6 +308,7 @@ struct Publisher {
     stores: Stores,
     status: ClusterStatus,
     changed: Arc<Notify>,
+    touched: Arc<Mutex<Touched>>,
     updates: watch::Sender<MeshModel>,
 }
 
@@ -274,20 +322,42 @@ impl Publisher {
             domain_suffix: &self.domain_suffix,
         };
         let mut rules = DestinationRuleCache::default();
+        let mut built: Option<Built> = None;
         loop {
-            let mut model = self.stores.build(&ctx, &mut rules);
-            self.updates.send_if_modified(|mesh| {
-                // The services that did not change keep their `Arc`s: the debounce compares the others alone.
-                if mesh.clusters.get(&self.id).is_some_and(|previous| model.share_unchanged(previous)) {
-                    return false;
-                }
-                mesh.clusters.insert(self.id.clone(), Arc::new(model));
-                true
-            });
+            let touched = std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()));
+            // Only the Services a change touched are built again; the others keep their `Arc`s, so that the
+            // debounce compares the rebuilt ones alone.
+            if let Some(model) = self.stores.update(&ctx, &mut rules, &mut built, touched) {
+                self.updates.send_if_modified(|mesh| {
+                    mesh.clusters.insert(self.id.clone(), model);
+                    true
+                });
+            }
             self.changed.notified().await;
             tokio::time::sleep(self.debounce).await;
         }
     }
+}
+
+fn key<K: Resource>(object: &K) -> (String, String) {
+    (object.meta().namespace.clone().unwrap_or_default(), object.meta().name.clone().unwrap_or_default())
+}
+
+fn touch_service(svc: &Service, touched: &mut Touched) {
+    touched.services.insert(key(svc));
+}
+
+fn touch_slice(slice: &EndpointSlice, touched: &mut Touched) {
+    touched.services.extend(service_of(slice));
+    touched.slices.insert(key(slice));
+}
+
+fn touch_pod(pod: &Pod, touched: &mut Touched) {
+    touched.pods.insert(key(pod));
+}
+
+fn touch_all<K>(_: &K, touched: &mut Touched) {
+    touched.all = true;
 }
 
 fn trim_meta(meta: &mut ObjectMeta) {

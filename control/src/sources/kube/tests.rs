@@ -657,3 +657,60 @@ async fn a_remote_cluster_that_does_not_sync_is_waited_for_only_until_the_timeou
     stop.send(()).unwrap();
     task.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_change_rebuilds_the_services_it_touches_and_shares_the_others() {
+    let harness = Harness::new();
+    let fake = FakeCluster::new("touch", 1000);
+    fake.apply_json(system_namespace("net1"));
+    fake.apply_json(node("n1", json!({"topology.kubernetes.io/region": "r1"})));
+    web_service(&fake, &[("10.0.0.1", "web-a")]);
+    fake.apply_json(service("other"));
+    fake.apply_json(pod("other-a", "n1", json!({"app": "other"})));
+    let other_slice = |service: &str| {
+        slice("other-1", service, json!([{"name": "http", "port": 8080}]), json!([ep("10.0.1.1", "other-a")]))
+    };
+    fake.apply_json(other_slice("other"));
+    let _watcher = harness.watch(fake.client(), "touch", &options());
+    assert_eventually("the model", WAIT, || harness.addresses("touch", "other") == ["10.0.1.1"]).await;
+    let shared = |name: &str| -> Arc<ServiceModel> {
+        let model = harness.cluster("touch").unwrap();
+        Arc::clone(model.services.iter().find(|s| s.name == name).unwrap())
+    };
+    let other = shared("other");
+
+    // A pod of web is relabelled: web is rebuilt, other keeps its Arc.
+    fake.apply_json(pod("web-a", "n1", json!({"app": "web", "version": "v2"})));
+    assert_eventually("the relabelled pod", WAIT, || {
+        endpoint(&shared("web"), "10.0.0.1").is_some_and(|e| e.labels.get("version").is_some_and(|v| v == "v2"))
+    })
+    .await;
+    assert!(Arc::ptr_eq(&other, &shared("other")), "other is shared, not rebuilt");
+
+    // A new service takes its place in order; a slice moves from other to it.
+    fake.apply_json(service("mid"));
+    fake.apply_json(other_slice("mid"));
+    assert_eventually("the slice in its new service", WAIT, || {
+        harness.addresses("touch", "mid") == ["10.0.1.1"] && harness.addresses("touch", "other").is_empty()
+    })
+    .await;
+    let names: Vec<String> = harness.cluster("touch").unwrap().services.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, ["mid", "other", "web"]);
+
+    // The pod of the moved slice changes: the service that now points at it follows.
+    fake.apply_json(pod("other-a", "n1", json!({"app": "other", "version": "v3"})));
+    assert_eventually("the pod of the moved slice", WAIT, || {
+        endpoint(&shared("mid"), "10.0.1.1").is_some_and(|e| e.labels.get("version").is_some_and(|v| v == "v3"))
+    })
+    .await;
+
+    // A node's labels reach the pods on it; a deleted service leaves.
+    fake.apply_json(node("n1", json!({"topology.kubernetes.io/region": "r9"})));
+    fake.delete("Service", Some(NS), "other");
+    assert_eventually("the node's locality and the deletion", WAIT, || {
+        let model = harness.cluster("touch").unwrap();
+        find_service(&model, "other").is_none()
+            && endpoint(find_service(&model, "web").unwrap(), "10.0.0.1").is_some_and(|e| e.locality == "r9")
+    })
+    .await;
+}

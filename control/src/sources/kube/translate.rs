@@ -1,7 +1,7 @@
 //! Istio's per-endpoint rules (ISTIO-SEMANTICS.md §2, §4, §6): the reflector stores of one cluster -> its
 //! [`ClusterModel`]. Pure: it reads the stores and nothing else.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -45,40 +45,168 @@ pub(super) struct Context<'a> {
     pub domain_suffix: &'a str,
 }
 
+/// A Service (or the Service of an EndpointSlice), by namespace and name.
+pub(super) type ServiceKey = (String, String);
+
+/// What the watchers changed in a cluster's stores since its model was last built.
+#[derive(Debug, Default)]
+pub(super) struct Touched {
+    /// Anything may have: the model is built whole (a relist, the system namespace, a node's labels).
+    pub all: bool,
+    pub destination_rules: bool,
+    pub services: BTreeSet<ServiceKey>,
+    /// EndpointSlices by namespace and name (their Services are in `services`).
+    pub slices: BTreeSet<(String, String)>,
+    /// Pods by namespace and name.
+    pub pods: BTreeSet<(String, String)>,
+}
+
+/// A cluster's model as last built, with the indexes that lead a change to the services it touches.
+#[derive(Default)]
+pub(super) struct Built {
+    model: Arc<ClusterModel>,
+    /// The usable EndpointSlices of each Service, by name, and the Service of each.
+    slices: HashMap<ServiceKey, BTreeSet<String>>,
+    slice_service: HashMap<(String, String), ServiceKey>,
+    /// The Services whose slices point at each pod (namespace, name), seen yet or not, and each one's pods.
+    pod_services: HashMap<(String, String), BTreeSet<ServiceKey>>,
+    service_pods: HashMap<ServiceKey, BTreeSet<(String, String)>>,
+}
+
+impl Built {
+    /// Records the pods a Service's slices point at.
+    fn index_pods(&mut self, key: &ServiceKey, pods: BTreeSet<(String, String)>) {
+        for pod in self.service_pods.remove(key).unwrap_or_default() {
+            if let Some(services) = self.pod_services.get_mut(&pod) {
+                services.remove(key);
+                if services.is_empty() {
+                    self.pod_services.remove(&pod);
+                }
+            }
+        }
+        for pod in &pods {
+            self.pod_services.entry(pod.clone()).or_default().insert(key.clone());
+        }
+        if !pods.is_empty() {
+            self.service_pods.insert(key.clone(), pods);
+        }
+    }
+
+    /// Moves a slice to the Service it now belongs to (none: gone, or not usable).
+    fn index_slice(&mut self, slice: (String, String), service: Option<ServiceKey>) {
+        if let Some(before) = self.slice_service.remove(&slice)
+            && let Some(names) = self.slices.get_mut(&before)
+        {
+            names.remove(&slice.1);
+            if names.is_empty() {
+                self.slices.remove(&before);
+            }
+        }
+        if let Some(service) = service {
+            self.slices.entry(service.clone()).or_default().insert(slice.1.clone());
+            self.slice_service.insert(slice, service);
+        }
+    }
+}
+
 impl Stores {
+    /// The cluster's model after `touched`, if it differs from the last one built. The first build, and one
+    /// after anything cluster-wide changed, reads every store; otherwise only the touched Services are built
+    /// again, and the others keep their `Arc`s.
+    pub fn update(
+        &self,
+        ctx: &Context<'_>,
+        rules: &mut DestinationRuleCache,
+        built: &mut Option<Built>,
+        touched: Touched,
+    ) -> Option<Arc<ClusterModel>> {
+        let previous = match built.as_mut() {
+            Some(previous) if !touched.all => previous,
+            _ => {
+                let mut whole = self.build(ctx, rules);
+                let previous = built.as_ref().map(|b| Arc::clone(&b.model));
+                let unchanged = previous.as_ref().is_some_and(|p| Arc::make_mut(&mut whole.model).share_unchanged(p));
+                if let (true, Some(previous)) = (unchanged, previous) {
+                    whole.model = previous;
+                }
+                let model = Arc::clone(&whole.model);
+                *built = Some(whole);
+                return (!unchanged).then_some(model);
+            }
+        };
+        for slice in touched.slices {
+            let service = self.slices.get(&ObjectRef::new(&slice.1).within(&slice.0)).and_then(|s| service_of(&s));
+            previous.index_slice(slice, service);
+        }
+        let mut services = touched.services;
+        for pod in &touched.pods {
+            services.extend(previous.pod_services.get(pod).into_iter().flatten().cloned());
+        }
+        let mut model = (*previous.model).clone();
+        let mut changed = false;
+        if touched.destination_rules {
+            model.destination_rules = rules.translate(&self.destination_rules.state());
+            changed = model.destination_rules != previous.model.destination_rules;
+        }
+        for key in services {
+            let slices: Vec<Arc<EndpointSlice>> = previous
+                .slices
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .filter_map(|name| self.slices.get(&ObjectRef::new(name).within(&key.0)))
+                .collect();
+            previous.index_pods(&key, pods_of(&slices));
+            let svc = self.services.get(&ObjectRef::new(&key.1).within(&key.0));
+            let service = svc.and_then(|svc| self.service(ctx, &model.network, &svc, slices.iter().map(|s| &**s)));
+            let at = model
+                .services
+                .binary_search_by(|s| (s.namespace.as_str(), s.name.as_str()).cmp(&(key.0.as_str(), key.1.as_str())));
+            match (at, service) {
+                (Ok(at), Some(service)) if *model.services[at] != service => model.services[at] = Arc::new(service),
+                (Ok(_), Some(_)) | (Err(_), None) => continue,
+                (Ok(at), None) => drop(model.services.remove(at)),
+                (Err(at), Some(service)) => model.services.insert(at, Arc::new(service)),
+            }
+            changed = true;
+        }
+        if !changed {
+            return None;
+        }
+        previous.model = Arc::new(model);
+        Some(Arc::clone(&previous.model))
+    }
+
     /// The whole cluster, in a stable order so that an unchanged cluster builds an equal model.
-    pub fn build(&self, ctx: &Context<'_>, rules: &mut DestinationRuleCache) -> ClusterModel {
+    fn build(&self, ctx: &Context<'_>, rules: &mut DestinationRuleCache) -> Built {
         let network = self
             .namespaces
             .get(&ObjectRef::new(ctx.system_namespace))
             .and_then(|ns| ns.labels().get(LABEL_NETWORK).cloned())
             .unwrap_or_default();
-        let mut slices: HashMap<(String, String), Vec<_>> = HashMap::new();
+        let mut built = Built::default();
+        let mut slices: HashMap<ServiceKey, Vec<_>> = HashMap::new();
         for slice in self.slices.state() {
-            let labels = slice.labels();
-            let usable = slice.address_type != "FQDN"
-                && labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MIRRORING_CONTROLLER);
-            if let (true, Some(service)) = (usable, labels.get(LABEL_SERVICE_NAME)) {
-                slices.entry((slice.namespace().unwrap_or_default(), service.clone())).or_default().push(slice);
+            if let Some(service) = service_of(&slice) {
+                built.index_slice((service.0.clone(), slice.name_any()), Some(service.clone()));
+                slices.entry(service).or_default().push(slice);
             }
         }
-        let mut services: Vec<ServiceModel> = self
-            .services
-            .state()
-            .iter()
-            .filter_map(|svc| {
-                let key = (svc.namespace().unwrap_or_default(), svc.name_any());
-                let slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
-                self.service(ctx, &network, svc, slices.iter().map(|s| &**s))
-            })
-            .collect();
+        let mut services: Vec<ServiceModel> = Vec::new();
+        for svc in self.services.state() {
+            let key = (svc.namespace().unwrap_or_default(), svc.name_any());
+            let slices = slices.get(&key).map(Vec::as_slice).unwrap_or_default();
+            built.index_pods(&key, pods_of(slices));
+            services.extend(self.service(ctx, &network, &svc, slices.iter().map(|s| &**s)));
+        }
         services.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        ClusterModel {
+        built.model = Arc::new(ClusterModel {
             id: ctx.cluster_id.to_owned(),
             destination_rules: rules.translate(&self.destination_rules.state()),
             network,
             services: services.into_iter().map(Arc::new).collect(),
-        }
+        });
+        built
     }
 
     /// `None` for an ExternalName service: it has no endpoints to route to.
@@ -195,6 +323,31 @@ impl Stores {
             })
             .collect()
     }
+}
+
+/// The Service a slice serves, if Istio reads it: not an FQDN slice, not one mirrored from custom Endpoints.
+pub(super) fn service_of(slice: &EndpointSlice) -> Option<ServiceKey> {
+    let labels = slice.labels();
+    let usable =
+        slice.address_type != "FQDN" && labels.get(LABEL_MANAGED_BY).map(String::as_str) != Some(MIRRORING_CONTROLLER);
+    let service = labels.get(LABEL_SERVICE_NAME).filter(|_| usable)?;
+    Some((slice.namespace().unwrap_or_default(), service.clone()))
+}
+
+/// The pods (namespace, name) the slices' endpoints point at.
+fn pods_of(slices: &[Arc<EndpointSlice>]) -> BTreeSet<(String, String)> {
+    let mut pods = BTreeSet::new();
+    for slice in slices {
+        let namespace = slice.namespace().unwrap_or_default();
+        for target in slice.endpoints.iter().filter_map(|e| e.target_ref.as_ref()) {
+            if target.kind.as_deref() == Some("Pod")
+                && let Some(name) = &target.name
+            {
+                pods.insert((target.namespace.clone().unwrap_or_else(|| namespace.clone()), name.clone()));
+            }
+        }
+    }
+    pods
 }
 
 /// The pod's own locality label, `topology.istio.io/locality` then the legacy `istio-locality`. Label values cannot
