@@ -2,7 +2,7 @@
 //! versioned from what it was built from (the compact cluster and the gateway's identity), never from the
 //! Envoy encoding, whose metadata maps are `HashMap`s encoded in a random order.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::hash::Hasher;
 use std::sync::{Arc, Mutex};
 
@@ -216,18 +216,17 @@ impl ResourceBuilder {
         &self.current
     }
 
-    /// The resources after a change that touched only the clusters `changed` of `view`: the work is
-    /// proportional to the change, not to the view.
+    /// The resources after a change that touched only the clusters in `changed` (each as it is now, `None` when
+    /// it went away): the work is proportional to the change, not to the view.
     pub fn update(
         &mut self,
-        view: &BTreeMap<String, CompactCluster>,
-        changed: &BTreeSet<String>,
+        changed: &BTreeMap<String, Option<CompactCluster>>,
         invalid: &InvalidClusters,
     ) -> &GatewayResources {
         let mut chains_changed = false;
-        for name in changed {
+        for (name, compact) in changed {
             let old_cds = self.built.get(name).and_then(|b| b.good.as_ref()).map(|g| g.cds_version.clone());
-            match view.get(name) {
+            match compact {
                 None => {
                     self.built.remove(name);
                     self.current.remove(name);
@@ -431,8 +430,8 @@ mod tests {
         let after = view(&[compact(&["10.0.0.2:5000"])]);
         let mut kept = ResourceBuilder::new(identity("r1/z1"), AdsOptions::default());
         kept.resources(&before, &invalid);
-        let changed: BTreeSet<String> = before.keys().cloned().collect();
-        let updated = kept.update(&after, &changed, &invalid).clone();
+        let changed = before.keys().map(|name| (name.clone(), after.get(name).cloned())).collect();
+        let updated = kept.update(&changed, &invalid).clone();
         let whole = ResourceBuilder::new(identity("r1/z1"), AdsOptions::default()).resources(&after, &invalid).clone();
         // Versions, not bytes: the encoding of Envoy's metadata maps is not ordered.
         let versions = |resources: &GatewayResources, kind| {

@@ -25,7 +25,7 @@ pub(super) struct Session<W: Wire> {
     node: GatewayNode,
     builder: ResourceBuilder,
     types: [TypeState; 3],
-    /// The gateway's view, kept between mesh versions so that a change recomputes only what it touches.
+    /// What the gateway's view keeps between mesh versions so that a change recomputes only what it touches.
     view: views::GatewayView,
     /// False until the mesh is primed: nothing is pushed before.
     primed: bool,
@@ -121,16 +121,16 @@ impl<W: Wire> Session<W> {
         match &snapshot.changed_hosts {
             Some(hosts) if self.primed && snapshot.version == self.mesh_version + 1 => {
                 let changed = self.view.update(mesh, &snapshot.services, &self.node, &self.shared.view, hosts);
-                self.builder.update(self.view.clusters(), &changed, invalid);
+                self.builder.update(&changed, invalid);
                 for kind in [Kind::Cluster, Kind::Endpoint] {
-                    self.types[kind.index()].mark_changed(&changed);
+                    self.types[kind.index()].mark_changed(changed.keys());
                 }
                 // One resource: looking at it is as cheap as knowing whether it changed.
                 self.types[Kind::Listener.index()].mark_all();
             }
             _ => {
-                self.view.rebuild(mesh, &self.node, &self.shared.view);
-                self.builder.resources(self.view.clusters(), invalid);
+                let view = self.view.rebuild(mesh, &self.node, &self.shared.view);
+                self.builder.resources(&view, invalid);
                 self.types.iter_mut().for_each(TypeState::mark_all);
             }
         }

@@ -45,16 +45,14 @@ impl Default for ViewOptions {
 /// service, its endpoints merged. Clusters without endpoints are kept, so that the gateway refuses their
 /// connections with UH, as Envoy does.
 pub fn gateway_view(mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) -> BTreeMap<String, Cluster> {
-    let mut view = GatewayView::default();
-    view.rebuild(mesh, gateway, options);
-    view.clusters
+    GatewayView::default().rebuild(mesh, gateway, options)
 }
 
-/// One gateway's view kept from one mesh version to the next, so that a change recomputes only the services it
-/// touches (see [`changed_hosts`]).
+/// What one gateway's view keeps from one mesh version to the next, so that a change recomputes only the services
+/// it touches (see [`changed_hosts`]): the names of each service's clusters, not the clusters (their resources,
+/// built from them, are what the gateway is served; a copy here would cost as much again).
 #[derive(Debug, Default)]
 pub struct GatewayView {
-    clusters: BTreeMap<String, Cluster>,
     /// Each service hostname's cluster names.
     by_host: BTreeMap<String, Vec<String>>,
     /// The DestinationRules of the gateway's cluster, indexed when the view is computed whole: a version whose
@@ -63,12 +61,13 @@ pub struct GatewayView {
 }
 
 impl GatewayView {
-    pub fn clusters(&self) -> &BTreeMap<String, Cluster> {
-        &self.clusters
-    }
-
     /// Computes the whole view.
-    pub fn rebuild(&mut self, mesh: &MeshModel, gateway: &GatewayNode, options: &ViewOptions) {
+    pub fn rebuild(
+        &mut self,
+        mesh: &MeshModel,
+        gateway: &GatewayNode,
+        options: &ViewOptions,
+    ) -> BTreeMap<String, Cluster> {
         self.rules = RuleLookup::new(own_rules(mesh, gateway), options);
         let mut services: BTreeMap<&str, Vec<(&ClusterModel, &ServiceModel)>> = BTreeMap::new();
         for cluster in mesh.clusters.values() {
@@ -76,17 +75,18 @@ impl GatewayView {
                 services.entry(&service.hostname).or_default().push((cluster, service));
             }
         }
-        self.clusters.clear();
+        let mut clusters = BTreeMap::new();
         self.by_host.clear();
         for (host, instances) in services {
-            let names = add_service(&mut self.clusters, host, &instances, gateway, &self.rules, options);
+            let names = add_service(&mut clusters, host, &instances, gateway, &self.rules, options);
             self.by_host.insert(host.to_owned(), names);
         }
+        clusters
     }
 
-    /// Recomputes the clusters of the services `hosts` only, found through `services` (the index of `mesh`);
-    /// returns the names of the clusters added, changed or removed. The mesh's other services and every
-    /// cluster's DestinationRules must be as when the view was last computed.
+    /// Recomputes the clusters of the services `hosts` only, found through `services` (the index of `mesh`):
+    /// returns each of their clusters, as it is now or `None` when it went away (whether or not it changed). The
+    /// mesh's other services and every cluster's DestinationRules must be as when the view was last computed.
     pub fn update(
         &mut self,
         mesh: &MeshModel,
@@ -94,28 +94,20 @@ impl GatewayView {
         gateway: &GatewayNode,
         options: &ViewOptions,
         hosts: &BTreeSet<String>,
-    ) -> BTreeSet<String> {
-        let mut touched = BTreeSet::new();
+    ) -> BTreeMap<String, Option<Cluster>> {
+        let mut clusters = BTreeMap::new();
         for host in hosts {
-            let mut before = BTreeMap::new();
-            for name in self.by_host.remove(host).unwrap_or_default() {
-                if let Some(cluster) = self.clusters.remove(&name) {
-                    before.insert(name, cluster);
-                }
-            }
+            let before = self.by_host.remove(host).unwrap_or_default();
             let instances = services.instances(mesh, host);
+            let mut now = BTreeMap::new();
             if !instances.is_empty() {
-                let names = add_service(&mut self.clusters, host, &instances, gateway, &self.rules, options);
-                for name in &names {
-                    if before.remove(name).as_ref() != self.clusters.get(name) {
-                        touched.insert(name.clone());
-                    }
-                }
+                let names = add_service(&mut now, host, &instances, gateway, &self.rules, options);
                 self.by_host.insert(host.clone(), names);
             }
-            touched.extend(before.into_keys());
+            clusters.extend(before.into_iter().filter(|name| !now.contains_key(name)).map(|name| (name, None)));
+            clusters.extend(now.into_iter().map(|(name, cluster)| (name, Some(cluster))));
         }
-        touched
+        clusters
     }
 }
 

@@ -412,10 +412,11 @@ fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
     let gateway = gateway("cluster1", &[]);
     let options = ViewOptions::default();
     let mut kept = GatewayView::default();
-    kept.rebuild(&before, &gateway, &options);
-    let touched = kept.update(&after, &ServiceIndex::new(&after), &gateway, &options, &hosts);
-    assert_eq!(kept.clusters(), &view(&after, &gateway));
-    assert_eq!(touched, BTreeSet::from([key(5000, ""), key(5000, "v1")]), "v2 holds only cluster2's pod: unchanged");
+    let mut held = kept.rebuild(&before, &gateway, &options);
+    let changed = kept.update(&after, &ServiceIndex::new(&after), &gateway, &options, &hosts);
+    assert_eq!(changed.keys().cloned().collect::<Vec<_>>(), [key(5000, ""), key(5000, "v1"), key(5000, "v2")]);
+    apply(&mut held, changed);
+    assert_eq!(held, view(&after, &gateway));
 
     // A DestinationRule change reaches every service: nothing is known, everything is recomputed.
     let mut ruled = one;
@@ -434,9 +435,21 @@ fn a_change_names_the_services_it_touches_and_the_view_follows_it_alone() {
     };
     let hosts = changed_hosts(&after, &gone).unwrap();
     assert_eq!(hosts, BTreeSet::from(["reviews.sample.svc.cluster.local".to_owned()]));
-    let touched = kept.update(&gone, &ServiceIndex::new(&gone), &gateway, &options, &hosts);
-    assert_eq!(kept.clusters(), &view(&gone, &gateway));
-    assert_eq!(touched, BTreeSet::from(["outbound_.5000_._.reviews.sample.svc.cluster.local".to_owned()]));
+    let changed = kept.update(&gone, &ServiceIndex::new(&gone), &gateway, &options, &hosts);
+    let reviews = "outbound_.5000_._.reviews.sample.svc.cluster.local".to_owned();
+    assert_eq!(changed, BTreeMap::from([(reviews, None)]), "named as gone");
+    apply(&mut held, changed);
+    assert_eq!(held, view(&gone, &gateway));
+}
+
+/// Applies a view update to the whole view, as the resource builder does.
+fn apply(view: &mut BTreeMap<String, Cluster>, changed: BTreeMap<String, Option<Cluster>>) {
+    for (name, cluster) in changed {
+        match cluster {
+            Some(cluster) => view.insert(name, cluster),
+            None => view.remove(&name),
+        };
+    }
 }
 
 #[test]
@@ -448,12 +461,12 @@ fn a_service_added_beside_another_clusters_one_is_found_by_the_index_and_the_vie
     let gateway = gateway("cluster1", &[]);
     let options = ViewOptions::default();
     let mut kept = GatewayView::default();
-    kept.rebuild(&first.mesh, &gateway, &options);
-    let follow = |kept: &mut GatewayView, version: &crate::server::MeshVersion| {
+    let mut held = kept.rebuild(&first.mesh, &gateway, &options);
+    let mut follow = |version: &crate::server::MeshVersion| {
         let hosts = version.changed_hosts.as_deref().expect("the changes are known");
-        kept.update(&version.mesh, &version.services, &gateway, &options, hosts);
-        assert_eq!(kept.clusters(), &view(&version.mesh, &gateway));
-        hosts.clone()
+        apply(&mut held, kept.update(&version.mesh, &version.services, &gateway, &options, hosts));
+        assert_eq!(held, view(&version.mesh, &gateway));
+        (hosts.clone(), held[&key(5000, "")].endpoints.iter().map(|e| e.address.clone()).collect::<Vec<_>>())
     };
 
     // helloworld comes to cluster2, ahead of reviews: cluster2's services move.
@@ -461,17 +474,16 @@ fn a_service_added_beside_another_clusters_one_is_found_by_the_index_and_the_vie
     let services = &mut Arc::make_mut(added.clusters.get_mut("cluster2").unwrap()).services;
     services.insert(0, Arc::new(helloworld(vec![endpoint("10.1.0.1", &[])])));
     let second = first.next(added, std::time::Instant::now());
-    assert_eq!(follow(&mut kept, &second), BTreeSet::from([HOST.to_owned()]));
-    assert_eq!(kept.clusters()[&key(5000, "")].endpoints.len(), 2);
+    let (hosts, addresses) = follow(&second);
+    assert_eq!((hosts, addresses), (BTreeSet::from([HOST.to_owned()]), strings(&["10.0.0.1:15000", "10.1.0.1:15000"])));
 
     // Its endpoint in cluster2 changes, places kept: found there by the index carried over.
     let mut changed = second.mesh.clone();
     let services = &mut Arc::make_mut(changed.clusters.get_mut("cluster2").unwrap()).services;
     Arc::make_mut(&mut services[0]).endpoints[0].address = "10.1.0.2".parse().unwrap();
     let third = second.next(changed, std::time::Instant::now());
-    assert_eq!(follow(&mut kept, &third), BTreeSet::from([HOST.to_owned()]));
-    let addresses: Vec<&str> = kept.clusters()[&key(5000, "")].endpoints.iter().map(|e| e.address.as_str()).collect();
-    assert_eq!(addresses, ["10.0.0.1:15000", "10.1.0.2:15000"]);
+    let (hosts, addresses) = follow(&third);
+    assert_eq!((hosts, addresses), (BTreeSet::from([HOST.to_owned()]), strings(&["10.0.0.1:15000", "10.1.0.2:15000"])));
 }
 
 #[test]
@@ -488,4 +500,8 @@ fn a_model_built_afresh_shares_what_did_not_change() {
     assert!(Arc::ptr_eq(&before[1], &after[1]), "reviews is shared");
     assert!(!Arc::ptr_eq(&before[0], &after[0]));
     assert_eq!(changed_hosts(&previous, &next), Some(BTreeSet::from([HOST.to_owned()])));
+}
+
+fn strings(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| (*v).to_owned()).collect()
 }
