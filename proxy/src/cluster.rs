@@ -254,7 +254,7 @@ impl Cluster {
         host.state.series.get_or_init(|| {
             let workload = &host.spec.workload;
             self.telemetry.register(|| {
-                IstioTcpMetrics::new(&Destination {
+                Box::new(IstioTcpMetrics::new(&Destination {
                     service: &self.service.host,
                     service_name: &self.service.name,
                     service_namespace: &self.service.namespace,
@@ -262,7 +262,7 @@ impl Cluster {
                     workload: &workload.name,
                     canonical_service: &workload.canonical_service,
                     canonical_revision: &workload.canonical_revision,
-                })
+                }))
             })
         })
     }

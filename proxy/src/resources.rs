@@ -224,7 +224,8 @@ impl AssignmentSpec {
 /// Reads an assignment as Envoy's EDS does: priorities up to 128 (gaps are empty levels), weights at least 1, IP
 /// addresses only, the first of duplicate addresses wins, DRAINING hosts take no part.
 pub fn read_assignment(assignment: &ClusterLoadAssignment) -> Result<AssignmentSpec, Invalid> {
-    let mut endpoints = Vec::new();
+    // Sized once: a gateway keeps every assignment, and growth by doubling would keep up to half again as slack.
+    let mut endpoints = Vec::with_capacity(assignment.endpoints.iter().map(|l| l.lb_endpoints.len()).sum());
     let mut priorities: Vec<Vec<Group>> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     // The pods of one workload share their metadata: one copy each.
@@ -244,7 +245,7 @@ pub fn read_assignment(assignment: &ClusterLoadAssignment) -> Result<AssignmentS
             zone: l.zone.clone(),
             subzone: l.sub_zone.clone(),
         }));
-        let mut members = Vec::new();
+        let mut members = Vec::with_capacity(locality_endpoints.lb_endpoints.len());
         for (e, lb_endpoint) in locality_endpoints.lb_endpoints.iter().enumerate() {
             let field = |name: &str| format!("endpoints[{g}].lb_endpoints[{e}].{name}");
             let address =

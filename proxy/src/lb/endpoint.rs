@@ -39,7 +39,8 @@ pub struct EndpointSpec {
 pub struct HostState {
     pub(super) active: AtomicU64,
     pub(super) outlier: HostOutlier,
-    pub(crate) series: OnceLock<IstioTcpMetrics>,
+    /// Boxed: most endpoints of a large mesh never carry a connection through one gateway.
+    pub(crate) series: OnceLock<Box<IstioTcpMetrics>>,
 }
 
 impl HostState {
