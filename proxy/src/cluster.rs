@@ -20,7 +20,9 @@ use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelOutcome};
 use crate::lb::{
     ClusterLb, Host, LbSettings, Outcome, PickContext, Picked, Topology, load::DEFAULT_OVERPROVISIONING_FACTOR,
 };
-use crate::metrics::{ClusterMetrics, Destination, GaugeGuard, IstioTcpMetrics, RejectReason, Telemetry};
+use crate::metrics::{
+    ClusterMembership, ClusterTraffic, Destination, GaugeGuard, IstioTcpMetrics, RejectReason, Telemetry,
+};
 use crate::resources::{AssignmentSpec, ClusterSpec, ServiceSpec};
 
 /// Gateway-wide settings that shape every cluster and filter chain: defaults they may override.
@@ -61,11 +63,14 @@ pub struct ClusterSettings {
 const REFUSALS: [RejectReason; 3] =
     [RejectReason::UpstreamOverflow, RejectReason::NoHealthyUpstream, RejectReason::UpstreamConnectFailed];
 
-/// What outlives a rebuild of the cluster: the connection limit's count and the refusal series.
-#[derive(Debug, Default)]
+/// What outlives a rebuild of the cluster: the connection limit's count and the metrics.
+#[derive(Debug)]
 struct Lasting {
     /// Tunnels open to this cluster, in every version of it.
     open: AtomicUsize,
+    membership: ClusterMembership,
+    /// Registered on the first connection.
+    traffic: OnceLock<ClusterTraffic>,
     /// Istio's opened/closed counters per refusal in [`REFUSALS`], registered on the first such refusal.
     refused: [OnceLock<(Counter, Counter)>; 3],
 }
@@ -77,7 +82,6 @@ pub struct Cluster {
     service: ServiceSpec,
     lb: ClusterLb,
     settings: ClusterSettings,
-    metrics: ClusterMetrics,
     lasting: Arc<Lasting>,
     telemetry: Arc<Telemetry>,
 }
@@ -105,13 +109,23 @@ impl Cluster {
             Some(assignment) => (assignment.endpoints.clone(), assignment.topology(spec.locality_weighted)),
             None => (Vec::new(), empty_topology(spec.locality_weighted)),
         };
-        let (lb, metrics) = telemetry.register(|| {
+        let (lb, lasting) = telemetry.register(|| {
             let lb = ClusterLb::new(endpoints, topology, lb_settings, previous.map(|p| &p.lb), name);
-            let metrics = previous.map_or_else(|| ClusterMetrics::new(name), |p| p.metrics.clone());
-            (lb, metrics)
+            let lasting = previous.map_or_else(
+                || {
+                    Arc::new(Lasting {
+                        open: AtomicUsize::new(0),
+                        membership: ClusterMembership::new(name),
+                        traffic: OnceLock::new(),
+                        refused: Default::default(),
+                    })
+                },
+                |p| Arc::clone(&p.lasting),
+            );
+            (lb, lasting)
         });
-        metrics.membership_total.set(lb.hosts().len() as f64);
-        metrics.membership_healthy.set(lb.healthy_count() as f64);
+        lasting.membership.total.set(lb.hosts().len() as f64);
+        lasting.membership.healthy.set(lb.healthy_count() as f64);
         let settings = ClusterSettings {
             connect_timeout: spec.connect_timeout.unwrap_or(defaults.connect_timeout),
             max_connections: spec.max_connections,
@@ -126,8 +140,7 @@ impl Cluster {
             service: spec.service.clone(),
             lb,
             settings,
-            metrics,
-            lasting: previous.map(|p| Arc::clone(&p.lasting)).unwrap_or_default(),
+            lasting,
             telemetry: Arc::clone(telemetry),
         }
     }
@@ -179,7 +192,7 @@ impl Cluster {
         })?;
         let host = picked.index;
         cluster.series(host).connections_opened.increment(1);
-        let active = GaugeGuard::new(&cluster.metrics.upstream_cx_active);
+        let active = GaugeGuard::new(&cluster.traffic().upstream_cx_active);
         let lease = Lease { place, host, _picked: picked, _active: active };
         if stream.write_all(hello).await.is_err() {
             lease.finish(TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 });
@@ -197,7 +210,7 @@ impl Cluster {
             let ctx = PickContext { source: source.ip(), tried: &tried };
             let Some(picked) = self.lb.pick(&ctx, &mut rand::rng()) else { break };
             let address = self.lb.hosts()[picked.index].spec.address;
-            self.metrics.upstream_cx_total.increment(1);
+            self.traffic().upstream_cx_total.increment(1);
             let outcome =
                 timeout(self.settings.connect_timeout, forward::connect_to(address, &self.settings.keepalive)).await;
             let now = Instant::now();
@@ -213,23 +226,28 @@ impl Cluster {
                 }
                 Ok(Err(error)) => {
                     self.lb.report(picked.index, Outcome::ConnectFailure, now);
-                    self.metrics.upstream_cx_connect_fail.increment(1);
+                    self.traffic().upstream_cx_connect_fail.increment(1);
                     tracing::debug!(cluster = %self.name, %address, %error, "upstream connect failed");
                 }
                 Err(_) => {
                     self.lb.report(picked.index, Outcome::ConnectTimeout, now);
-                    self.metrics.upstream_cx_connect_timeout.increment(1);
+                    self.traffic().upstream_cx_connect_timeout.increment(1);
                     tracing::debug!(cluster = %self.name, %address, "upstream connect timed out");
                 }
             }
             tried.push(picked.index);
         }
         if tried.is_empty() {
-            self.metrics.upstream_cx_none_healthy.increment(1);
+            self.traffic().upstream_cx_none_healthy.increment(1);
             Err(RejectReason::NoHealthyUpstream)
         } else {
             Err(RejectReason::UpstreamConnectFailed)
         }
+    }
+
+    /// The upstream counters, registered on the first connection.
+    fn traffic(&self) -> &ClusterTraffic {
+        self.lasting.traffic.get_or_init(|| self.telemetry.register(|| ClusterTraffic::new(&self.name)))
     }
 
     /// Counts a connection that matched this cluster but could not be tunnelled, in Istio's metrics.
@@ -283,7 +301,7 @@ impl Place {
         if open < place.0.settings.max_connections {
             Ok(place)
         } else {
-            place.0.metrics.upstream_cx_overflow.increment(1);
+            place.0.traffic().upstream_cx_overflow.increment(1);
             place.0.record_refused(RejectReason::UpstreamOverflow);
             Err(RejectReason::UpstreamOverflow)
         }
@@ -330,8 +348,8 @@ impl Lease {
             cluster.lb.report(self.host, Outcome::Reset, Instant::now());
         }
         match outcome.end {
-            TunnelEnd::IdleTimeout => cluster.metrics.upstream_cx_idle_timeout.increment(1),
-            TunnelEnd::MaxDuration => cluster.metrics.upstream_cx_max_duration_reached.increment(1),
+            TunnelEnd::IdleTimeout => cluster.traffic().upstream_cx_idle_timeout.increment(1),
+            TunnelEnd::MaxDuration => cluster.traffic().upstream_cx_max_duration_reached.increment(1),
             _ => {}
         }
         cluster.series(self.host).connections_closed.increment(1);

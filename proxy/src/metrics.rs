@@ -159,9 +159,27 @@ impl ListenerMetrics {
     }
 }
 
-/// Per-cluster upstream counters (Envoy's `cluster.<name>.upstream_cx_*`).
+/// A cluster's membership (Envoy's `cluster.<name>.membership_*`), registered with the cluster.
 #[derive(Debug, Clone)]
-pub struct ClusterMetrics {
+pub struct ClusterMembership {
+    pub healthy: Gauge,
+    pub total: Gauge,
+}
+
+impl ClusterMembership {
+    pub fn new(cluster: &str) -> Self {
+        let gauge = |name: &'static str| metrics::gauge!(name, "cluster" => cluster.to_owned());
+        ClusterMembership {
+            healthy: gauge("crossgate_cluster_membership_healthy"),
+            total: gauge("crossgate_cluster_membership_total"),
+        }
+    }
+}
+
+/// A cluster's upstream counters (Envoy's `cluster.<name>.upstream_cx_*`), registered on its first connection:
+/// a large mesh's idle clusters add no series.
+#[derive(Debug, Clone)]
+pub struct ClusterTraffic {
     pub upstream_cx_total: Counter,
     pub upstream_cx_active: Gauge,
     pub upstream_cx_connect_fail: Counter,
@@ -170,25 +188,20 @@ pub struct ClusterMetrics {
     pub upstream_cx_overflow: Counter,
     pub upstream_cx_idle_timeout: Counter,
     pub upstream_cx_max_duration_reached: Counter,
-    pub membership_healthy: Gauge,
-    pub membership_total: Gauge,
 }
 
-impl ClusterMetrics {
+impl ClusterTraffic {
     pub fn new(cluster: &str) -> Self {
         let counter = |name: &'static str| metrics::counter!(name, "cluster" => cluster.to_owned());
-        let gauge = |name: &'static str| metrics::gauge!(name, "cluster" => cluster.to_owned());
-        ClusterMetrics {
+        ClusterTraffic {
             upstream_cx_total: counter("crossgate_upstream_cx_total"),
-            upstream_cx_active: gauge("crossgate_upstream_cx_active"),
+            upstream_cx_active: metrics::gauge!("crossgate_upstream_cx_active", "cluster" => cluster.to_owned()),
             upstream_cx_connect_fail: counter("crossgate_upstream_cx_connect_fail_total"),
             upstream_cx_connect_timeout: counter("crossgate_upstream_cx_connect_timeout_total"),
             upstream_cx_none_healthy: counter("crossgate_upstream_cx_none_healthy_total"),
             upstream_cx_overflow: counter("crossgate_upstream_cx_overflow_total"),
             upstream_cx_idle_timeout: counter("crossgate_upstream_cx_idle_timeout_total"),
             upstream_cx_max_duration_reached: counter("crossgate_upstream_cx_max_duration_reached_total"),
-            membership_healthy: gauge("crossgate_cluster_membership_healthy"),
-            membership_total: gauge("crossgate_cluster_membership_total"),
         }
     }
 }

@@ -50,8 +50,8 @@ fn duration(d: &protobuf::Duration, field: &str) -> Result<Duration, Invalid> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChainSpec {
     pub server_names: Vec<String>,
-    /// Empty: any ALPN (and none) matches.
-    pub alpns: Vec<String>,
+    /// Empty: any ALPN (and none) matches. Shared by the chains that list the same (Istio's five, on every chain).
+    pub alpns: Arc<[String]>,
     pub cluster: String,
     /// `Some(ZERO)` disables the idle timeout; `None` leaves the gateway's default.
     pub idle_timeout: Option<Duration>,
@@ -61,7 +61,8 @@ pub struct ChainSpec {
 /// Reads the listener's filter chains. Chains without a tcp_proxy to one named cluster, or without server names,
 /// are not an sni-dnat route and are skipped.
 pub fn read_listener(listener: &Listener) -> Result<Vec<ChainSpec>, Invalid> {
-    let mut chains = Vec::new();
+    let mut chains = Vec::with_capacity(listener.filter_chains.len());
+    let mut alpn_lists: HashMap<&[String], Arc<[String]>> = HashMap::new();
     for (index, chain) in listener.filter_chains.iter().enumerate() {
         let field = |name: &str| format!("filter_chains[{index}].{name}");
         let Some(chain_match) = &chain.filter_chain_match else { continue };
@@ -89,7 +90,11 @@ pub fn read_listener(listener: &Listener) -> Result<Vec<ChainSpec>, Invalid> {
             .transpose()?;
         chains.push(ChainSpec {
             server_names: chain_match.server_names.iter().map(|n| n.to_ascii_lowercase()).collect(),
-            alpns: chain_match.application_protocols.clone(),
+            alpns: Arc::clone(
+                alpn_lists
+                    .entry(&chain_match.application_protocols)
+                    .or_insert_with(|| Arc::from(chain_match.application_protocols.as_slice())),
+            ),
             cluster,
             idle_timeout,
             max_connection_duration,

@@ -30,8 +30,6 @@ impl ClusterCell {
 #[derive(Debug)]
 pub struct Route {
     chain: Arc<ChainSpec>,
-    /// Empty: any ALPN.
-    alpns: Box<[Box<[u8]>]>,
     pub idle_timeout: Option<Duration>,
     pub max_connection_duration: Option<Duration>,
     cell: Arc<ClusterCell>,
@@ -40,7 +38,8 @@ pub struct Route {
 impl Route {
     /// Whether the filter chain matches a client offering `offered` (Envoy's `application_protocols`).
     pub fn accepts_alpn<'a>(&self, mut offered: impl Iterator<Item = &'a [u8]>) -> bool {
-        self.alpns.is_empty() || offered.any(|alpn| self.alpns.iter().any(|wanted| **wanted == *alpn))
+        let wanted = &self.chain.alpns;
+        wanted.is_empty() || offered.any(|alpn| wanted.iter().any(|w| w.as_bytes() == alpn))
     }
 
     /// The cluster the chain sends to, as configured now.
@@ -51,7 +50,6 @@ impl Route {
     fn new(chain: &Arc<ChainSpec>, cell: Arc<ClusterCell>, defaults: &ClusterDefaults) -> Route {
         Route {
             chain: Arc::clone(chain),
-            alpns: chain.alpns.iter().map(|a| Box::from(a.as_bytes())).collect(),
             // An explicit 0s disables the timeout; unset falls back to the gateway default.
             idle_timeout: chain.idle_timeout.map_or(defaults.idle_timeout, non_zero),
             max_connection_duration: chain.max_connection_duration.map_or(defaults.max_connection_duration, non_zero),

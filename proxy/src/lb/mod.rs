@@ -107,7 +107,8 @@ pub struct ClusterLb {
     members: usize,
     shared: Arc<Shared>,
     view: ArcSwap<View>,
-    metrics: Metrics,
+    /// With outlier detection only.
+    metrics: Option<Metrics>,
 }
 
 /// Random draws before a retry falls back to a scan for an untried host.
@@ -141,7 +142,11 @@ impl ClusterLb {
         let shared = previous.map(|p| Arc::clone(&p.shared)).unwrap_or_default();
         let epoch = shared.epoch.load(Ordering::Acquire);
         let view = View::new(&hosts, &topology, &settings.policy, settings.panic_threshold, epoch);
-        let metrics = previous.map_or_else(|| Metrics::new(cluster), |p| p.metrics.clone());
+        // Only a cluster with outlier detection ejects.
+        let metrics = settings
+            .outlier
+            .as_ref()
+            .map(|_| previous.and_then(|p| p.metrics.clone()).unwrap_or_else(|| Metrics::new(cluster)));
         let lb = ClusterLb {
             members: topology.member_count(),
             hosts,
@@ -151,7 +156,9 @@ impl ClusterLb {
             view: ArcSwap::from_pointee(view),
             metrics,
         };
-        lb.metrics.ejections_active.set(lb.ejected_count() as f64);
+        if let Some(metrics) = &lb.metrics {
+            metrics.ejections_active.set(lb.ejected_count() as f64);
+        }
         lb
     }
 
@@ -198,7 +205,9 @@ impl ClusterLb {
         if od.record(&host.state.outlier, outcome) {
             let _serial = self.shared.ejections.lock().unwrap_or_else(|e| e.into_inner());
             if od.eject(&host.state.outlier, self.ejected_count(), self.members, now) {
-                self.metrics.ejections_total.increment(1);
+                if let Some(metrics) = &self.metrics {
+                    metrics.ejections_total.increment(1);
+                }
                 self.ejections_changed();
             }
         }
@@ -239,7 +248,9 @@ impl ClusterLb {
     /// After an ejection or un-ejection: tell every snapshot, and recompute this one's view now.
     fn ejections_changed(&self) {
         self.shared.epoch.fetch_add(1, Ordering::AcqRel);
-        self.metrics.ejections_active.set(self.ejected_count() as f64);
+        if let Some(metrics) = &self.metrics {
+            metrics.ejections_active.set(self.ejected_count() as f64);
+        }
         self.refresh();
     }
 
