@@ -38,7 +38,8 @@ pub struct EndpointSpec {
 #[derive(Debug, Default)]
 pub struct HostState {
     pub(super) active: AtomicU64,
-    pub(super) outlier: HostOutlier,
+    /// Made on the first outcome reported to outlier detection: a cluster without it never needs one.
+    outlier: OnceLock<Box<HostOutlier>>,
     /// Boxed: most endpoints of a large mesh never carry a connection through one gateway.
     pub(crate) series: OnceLock<Box<IstioTcpMetrics>>,
 }
@@ -51,12 +52,22 @@ impl HostState {
 
     /// Whether outlier detection has ejected this host.
     pub fn ejected(&self) -> bool {
-        self.outlier.is_ejected()
+        self.outlier.get().is_some_and(|outlier| outlier.is_ejected())
     }
 
     /// The outlier detector's ejection-time multiplier: how many ejections in a row it remembers.
     pub fn ejection_multiplier(&self) -> u32 {
-        self.outlier.multiplier()
+        self.outlier.get().map_or(0, |outlier| outlier.multiplier())
+    }
+
+    /// The outlier detector's view of this host, made when first needed.
+    pub(super) fn outlier(&self) -> &HostOutlier {
+        self.outlier.get_or_init(Box::default)
+    }
+
+    /// The same if it was ever made: a host never reported on has nothing to sweep.
+    pub(super) fn outlier_if_any(&self) -> Option<&HostOutlier> {
+        self.outlier.get().map(|outlier| &**outlier)
     }
 }
 

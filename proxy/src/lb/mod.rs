@@ -202,9 +202,9 @@ impl ClusterLb {
     /// Records how a connection attempt to `hosts()[index]` ended, for outlier detection (a no-op without it).
     pub fn report(&self, index: usize, outcome: Outcome, now: Instant) {
         let (Some(od), Some(host)) = (&self.settings.outlier, self.hosts.get(index)) else { return };
-        if od.record(&host.state.outlier, outcome) {
+        if od.record(host.state.outlier(), outcome) {
             let _serial = self.shared.ejections.lock().unwrap_or_else(|e| e.into_inner());
-            if od.eject(&host.state.outlier, self.ejected_count(), self.members, now) {
+            if od.eject(host.state.outlier(), self.ejected_count(), self.members, now) {
                 if let Some(metrics) = &self.metrics {
                     metrics.ejections_total.increment(1);
                 }
@@ -233,7 +233,9 @@ impl ClusterLb {
         let next = sweep.next;
         let mut changed = false;
         for host in &self.hosts {
-            changed |= od.sweep(&host.state.outlier, now);
+            if let Some(outlier) = host.state.outlier_if_any() {
+                changed |= od.sweep(outlier, now);
+            }
         }
         if changed {
             self.ejections_changed();

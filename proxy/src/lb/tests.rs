@@ -278,12 +278,12 @@ fn ejection_lasts_base_times_multiplier_then_decays() {
     // Ejected again at once: the multiplier is 2, so 20 s.
     fail(&lb, 0, 2, at(11_000));
     assert_eq!(back_at(11_100), Some(31_000));
-    assert_eq!(lb.hosts()[0].state.outlier.multiplier(), 2);
+    assert_eq!(lb.hosts()[0].state.ejection_multiplier(), 2);
     // Healthy for one interval per step: the multiplier decays back to 0.
     for ms in (31_100..34_000).step_by(100) {
         lb.tick(at(ms));
     }
-    assert_eq!(lb.hosts()[0].state.outlier.multiplier(), 0);
+    assert_eq!(lb.hosts()[0].state.ejection_multiplier(), 0);
 }
 
 #[test]
