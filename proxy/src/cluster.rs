@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::Keepalive;
+use crate::forward::Keepalive;
 use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelOutcome};
 use crate::lb::{
     ClusterLb, Host, LbSettings, Outcome, PickContext, Picked, Topology, load::DEFAULT_OVERPROVISIONING_FACTOR,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::balance::ConnectionBalance;
-use crate::forward::CopyMode;
+use crate::forward::{CopyMode, Keepalive};
 use crossgate_istio::labels::{CLUSTER_LABEL, Locality, NETWORK_LABEL};
 use crossgate_istio::locality_lb::GatewayIdentity;
 
@@ -318,13 +318,6 @@ impl GatewayConfig {
 
 pub fn non_zero(d: Duration) -> Option<Duration> {
     (!d.is_zero()).then_some(d)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Keepalive {
-    pub time: Duration,
-    pub interval: Duration,
-    pub probes: u32,
 }
 
 #[cfg(test)]

@@ -15,9 +15,9 @@ use tokio::time::timeout;
 
 use crate::balance::{Balancer, LoadGuard, Placement};
 use crate::cluster::{Cluster, Lease};
-use crate::config::Keepalive;
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
+use crate::forward::Keepalive;
 use crate::forward::{self, CopyMode, TunnelCounters, TunnelLimits, TunnelOutcome};
 use crate::metrics::{GaugeGuard, ListenerMetrics, RejectReason};
 use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};

@@ -16,8 +16,15 @@ mod copy;
 pub use copy::CopyMode;
 use copy::{Chunk, Mover};
 
-use crate::config::Keepalive;
 use crate::drain::Drain;
+
+/// TCP keepalive on the tunnel's sockets: probes after `time` idle, every `interval`, `probes` times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Duration,
+    pub interval: Duration,
+    pub probes: u32,
+}
 
 /// Sets the options both sides of a tunnel get: no Nagle delay (TLS records are already framed) and
 /// keepalive probes so that dead peers are noticed. Set on a listener, they are inherited by every socket it

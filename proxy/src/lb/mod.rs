@@ -19,6 +19,7 @@
 //! attempt, and [`ClusterLb::tick`] about once a second so that ejections end on idle clusters too.
 
 mod endpoint;
+mod error;
 pub mod load;
 pub mod outlier;
 pub mod policy;
@@ -37,9 +38,10 @@ use arc_swap::{ArcSwap, Guard};
 use rand::Rng;
 
 pub use endpoint::{EndpointSpec, Health, Host, HostState, Locality};
+pub use error::LbConfigError;
 pub use outlier::{Outcome, OutlierSettings};
 pub use policy::{PolicyParams, PolicyRef};
-pub use settings::{LbConfigError, LbSettings};
+pub use settings::LbSettings;
 pub use topology::{Group, Topology};
 
 use policy::{Draw, hash_ip};

@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::config::cluster::v3::OutlierDetection;
 
 use envoy_types::pb::google::protobuf::UInt32Value;
 
-use super::settings::{LbConfigError, duration, invalid};
+use super::error::{LbConfigError, duration, invalid};
 
 /// How a connection attempt to a host ended, as the data plane reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

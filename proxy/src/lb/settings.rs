@@ -1,11 +1,9 @@
 //! The load-balancing part of an Envoy cluster, read as Envoy reads it (`lb_policy`, `lb_config`,
 //! `common_lb_config.healthy_panic_threshold`, `outlier_detection`).
-
-use std::time::Duration;
-
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{LbConfig, LbPolicy};
 
+use super::error::{LbConfigError, invalid};
 use super::outlier::OutlierSettings;
 use super::policy::{PolicyParams, PolicyRef, least_request, maglev, random, ring_hash, round_robin};
 
@@ -27,22 +25,6 @@ impl Default for LbSettings {
     fn default() -> Self {
         LbSettings { policy: PolicyRef::default(), outlier: None, panic_threshold: ENVOY_DEFAULT_PANIC_THRESHOLD }
     }
-}
-
-#[derive(Debug, thiserror::Error, PartialEq)]
-pub enum LbConfigError {
-    #[error(
-        "lb_policy {0} is not supported by an sni-dnat gateway (LEAST_REQUEST, ROUND_ROBIN, RANDOM, RING_HASH, MAGLEV)"
-    )]
-    UnsupportedPolicy(i32),
-    #[error("{field}: {reason}")]
-    Invalid { field: &'static str, reason: String },
-    #[error("unknown lb policy {0:?}; known: LEAST_REQUEST, ROUND_ROBIN, RANDOM, RING_HASH, MAGLEV")]
-    UnknownPolicy(String),
-}
-
-pub(super) fn invalid(field: &'static str, reason: impl Into<String>) -> LbConfigError {
-    LbConfigError::Invalid { field, reason: reason.into() }
 }
 
 impl LbSettings {
@@ -91,19 +73,6 @@ impl LbSettings {
         self.policy = PolicyRef::by_name(name, self.policy.params())?;
         Ok(self)
     }
-}
-
-/// An Envoy duration as a `std` one; negative durations are refused by name.
-pub(super) fn duration(
-    value: Option<&envoy_types::pb::google::protobuf::Duration>,
-    field: &'static str,
-    default: Duration,
-) -> Result<Duration, LbConfigError> {
-    let Some(d) = value else { return Ok(default) };
-    if d.seconds < 0 || d.nanos < 0 {
-        return Err(invalid(field, "must not be negative"));
-    }
-    Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use rand::RngCore;
 
 use super::endpoint::Host;
-use super::settings::{LbConfigError, invalid};
+use super::error::{LbConfigError, invalid};
 
 pub mod least_request;
 pub mod maglev;
