@@ -1,6 +1,6 @@
 //! The control service's view at mesh scale: 100,000 endpoints (1,000 services x 100 endpoints, half in each
-//! of two clusters, with v1/v2 subsets), one endpoint changes, and the gateway's view is rebuilt. Exactly the
-//! clusters of that endpoint differ.
+//! of two clusters, with v1/v2 subsets), one endpoint changes, and the gateway's view is rebuilt (exactly the
+//! clusters of that endpoint differ), or updated for the changed service as the control service does.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -11,7 +11,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use crossgate_control::model::{
     ClusterModel, DestinationRuleModel, EndpointModel, MeshModel, Protocol, ServiceModel, ServicePort, SubsetModel,
 };
-use crossgate_control::views::{ViewOptions, gateway_view};
+use crossgate_control::server::MeshVersion;
+use crossgate_control::views::{GatewayView, ViewOptions, gateway_view};
 use crossgate_istio::node::GatewayNode;
 
 const SERVICES: usize = 1_000;
@@ -95,6 +96,18 @@ fn registry(c: &mut Criterion) {
     group.sample_size(10).measurement_time(Duration::from_secs(15));
     group.bench_function("gateway_view, 100k endpoints", |b| {
         b.iter(|| gateway_view(black_box(&changed), &gateway, &options))
+    });
+    // What the control service does for that change: the next mesh version (what changed, where the services
+    // are), then the gateway's kept view updated for the changed service alone.
+    let first = MeshVersion::whole(mesh, 1);
+    let mut kept = GatewayView::default();
+    kept.rebuild(&first.mesh, &gateway, &options);
+    group.bench_function("one change: next version and view update, 100k endpoints", |b| {
+        b.iter(|| {
+            let next = first.next(black_box(changed.clone()), Instant::now());
+            let hosts = next.changed_hosts.as_deref().expect("the changes are known");
+            kept.update(&next.mesh, &next.services, &gateway, &options, hosts)
+        })
     });
     group.finish();
 }
