@@ -3,6 +3,7 @@
 //! HTTP/1.1 to nginx, echo and sink to the harness's own. Each phase returns what it moved and every failure
 //! it saw; the harness turns that into figures.
 
+use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -157,27 +158,11 @@ impl Load {
     ) -> (Tally, Histogram<u64>, Duration) {
         let start = Instant::now();
         let deadline = start + duration;
-        let loops: Vec<_> = connections
-            .into_iter()
-            .map(|mut tls| {
-                let load = self.clone();
-                tokio::spawn(async move {
-                    let mut tally = Tally::default();
-                    let mut latencies = latency_histogram();
-                    let mut seq = 1u64;
-                    while Instant::now() < deadline {
-                        let sent = Instant::now();
-                        if tally.record(load.exchange(&mut tls, seq, false).await).is_none() {
-                            break;
-                        }
-                        latencies.saturating_record(sent.elapsed().as_nanos() as u64);
-                        seq += 1;
-                    }
-                    (tally, latencies)
-                })
-            })
-            .collect();
-        let (tally, latencies) = join_latencies(loops).await;
+        let now_until_deadline = move || async move {
+            let now = Instant::now();
+            (now < deadline).then_some(now)
+        };
+        let (tally, latencies) = self.exchange_loops(connections, now_until_deadline, None).await;
         (tally, latencies, start.elapsed())
     }
 
@@ -208,31 +193,11 @@ impl Load {
                 }
             })
             .expect("a pacer thread");
-        let give_up = start + 2 * duration;
-        let loops: Vec<_> = connections
-            .into_iter()
-            .map(|mut tls| {
-                let (queue, load) = (Arc::clone(&queue), self.clone());
-                tokio::spawn(async move {
-                    let mut tally = Tally::default();
-                    let mut latencies = latency_histogram();
-                    let mut seq = 1u64;
-                    loop {
-                        let Some(due) = queue.lock().await.recv().await else { break };
-                        // Past the give-up time, only the wait is recorded: the target has fallen behind.
-                        if Instant::now() <= give_up
-                            && tally.record(load.exchange(&mut tls, seq, false).await).is_none()
-                        {
-                            break;
-                        }
-                        latencies.saturating_record(due.elapsed().as_nanos() as u64);
-                        seq += 1;
-                    }
-                    (tally, latencies)
-                })
-            })
-            .collect();
-        let (tally, latencies) = join_latencies(loops).await;
+        let scheduled = move || {
+            let queue = Arc::clone(&queue);
+            async move { queue.lock().await.recv().await }
+        };
+        let (tally, latencies) = self.exchange_loops(connections, scheduled, Some(start + 2 * duration)).await;
         let finished = start.elapsed();
         let _ = pacer.join();
         let run = OpenLoopRun {
@@ -241,6 +206,50 @@ impl Load {
             finished_s: finished.as_secs_f64(),
         };
         (tally, latencies, run)
+    }
+
+    /// An exchange loop on each of `connections`: `next` gives each exchange's start (now in a closed loop,
+    /// the scheduled time in an open one) or ends the loop, and its latency counts from there. After
+    /// `give_up`, only the wait is recorded: the target has fallen behind. Returns exchanges and latencies.
+    async fn exchange_loops<F, Next>(
+        &self,
+        connections: Vec<Tls>,
+        next: F,
+        give_up: Option<Instant>,
+    ) -> (Tally, Histogram<u64>)
+    where
+        F: Fn() -> Next + Clone + Send + 'static,
+        Next: Future<Output = Option<Instant>> + Send,
+    {
+        let loops: Vec<_> = connections
+            .into_iter()
+            .map(|mut tls| {
+                let (next, load) = (next.clone(), self.clone());
+                tokio::spawn(async move {
+                    let mut tally = Tally::default();
+                    let mut latencies = latency_histogram();
+                    let mut seq = 1u64;
+                    while let Some(since) = next().await {
+                        if give_up.is_none_or(|at| Instant::now() <= at)
+                            && tally.record(load.exchange(&mut tls, seq, false).await).is_none()
+                        {
+                            break;
+                        }
+                        latencies.saturating_record(since.elapsed().as_nanos() as u64);
+                        seq += 1;
+                    }
+                    (tally, latencies)
+                })
+            })
+            .collect();
+        let mut tally = Tally::default();
+        let mut latencies = latency_histogram();
+        for task in loops {
+            let (task_tally, task_latencies) = task.await.expect("exchange loop panicked");
+            tally.merge(task_tally);
+            latencies.add(task_latencies).expect("same bounds");
+        }
+        (tally, latencies)
     }
 
     /// (c) `streams` connections each moving bytes as fast as they can for `duration`: sent to the own backend,
@@ -418,17 +427,6 @@ fn invalid(message: String) -> io::Error {
 /// 1 ns to 60 s at 3 significant digits.
 fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds")
-}
-
-async fn join_latencies(tasks: Vec<JoinHandle<(Tally, Histogram<u64>)>>) -> (Tally, Histogram<u64>) {
-    let mut tally = Tally::default();
-    let mut latencies = latency_histogram();
-    for task in tasks {
-        let (task_tally, task_latencies) = task.await.expect("exchange loop panicked");
-        tally.merge(task_tally);
-        latencies.add(task_latencies).expect("same bounds");
-    }
-    (tally, latencies)
 }
 
 async fn join_tallies(tasks: Vec<JoinHandle<Tally>>) -> Tally {
