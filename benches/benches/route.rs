@@ -10,10 +10,10 @@ use std::sync::Arc;
 use crossgate_istio::gateway::MeshDefaults;
 use crossgate_istio::locality_lb::GatewayIdentity;
 use crossgate_proto::{Cluster, Endpoint, Resources};
+use crossgate_proxy::cluster::ClusterDefaults;
 use crossgate_proxy::discovery::file::envoy_resources;
 use crossgate_proxy::discovery::{ConfigStore, Update};
 use crossgate_proxy::metrics::Telemetry;
-use crossgate_proxy::cluster::ClusterDefaults;
 use crossgate_proxy::route::SniKey;
 
 fn sni(i: usize) -> String {

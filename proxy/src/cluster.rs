@@ -2,7 +2,7 @@
 //! Envoy cluster and assignment; its endpoints (spec, live state and Istio series together, in the lb's hosts)
 //! and its limits are private. A connection [`Cluster::open`]s a [`Lease`]: a place in the connection limit,
 //! an endpoint picked and connected (retrying others), the hello passed on. The lease carries the tunnel's byte
-//! counters and [`Lease::finish`]es with the tunnel's outcome. A new per-cluster metric, limit or policy is a change
+//! counters and [`Lease::finish`]es with the way the tunnel ended. A new per-cluster metric, limit or policy is a change
 //! to this file.
 
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::forward::Keepalive;
-use crate::forward::{self, TunnelCounters, TunnelEnd, TunnelOutcome};
+use crate::forward::{self, TunnelCounters, TunnelEnd};
 use crate::lb::{
     ClusterLb, Host, LbSettings, Outcome, PickContext, Picked, Topology, load::DEFAULT_OVERPROVISIONING_FACTOR,
 };
@@ -195,7 +195,7 @@ impl Cluster {
         let active = GaugeGuard::new(&cluster.traffic().upstream_cx_active);
         let lease = Lease { place, host, _picked: picked, _active: active };
         if stream.write_all(hello).await.is_err() {
-            lease.finish(TunnelOutcome { end: TunnelEnd::UpstreamReset, response_bytes: 0 });
+            lease.finish(TunnelEnd::UpstreamReset);
             return Ok(None);
         }
         lease.counters().request.increment(hello.len() as u64);
@@ -340,14 +340,11 @@ impl Lease {
         TunnelCounters { request: &series.received_bytes, response: &series.sent_bytes }
     }
 
-    /// Records how the tunnel ended: outlier detection hears of an upstream reset before any response, the
-    /// cluster's and the endpoint's metrics count the close.
-    pub fn finish(self, outcome: TunnelOutcome) {
+    /// Records how the tunnel ended in the cluster's and the endpoint's metrics. Outlier detection hears only of
+    /// connects, as from Envoy's tcp_proxy: a reset once connected is not the endpoint's failure to it.
+    pub fn finish(self, end: TunnelEnd) {
         let cluster = self.cluster();
-        if outcome.end == TunnelEnd::UpstreamReset && outcome.response_bytes == 0 {
-            cluster.lb.report(self.host, Outcome::Reset, Instant::now());
-        }
-        match outcome.end {
+        match end {
             TunnelEnd::IdleTimeout => cluster.traffic().upstream_cx_idle_timeout.increment(1),
             TunnelEnd::MaxDuration => cluster.traffic().upstream_cx_max_duration_reached.increment(1),
             _ => {}

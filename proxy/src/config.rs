@@ -140,8 +140,9 @@ pub struct GatewayConfig {
     #[arg(long, env = "CROSSGATE_CONNECT_TIMEOUT", default_value = "10s")]
     pub connect_timeout: HumanDuration,
 
-    /// Endpoints tried per connection before giving up (each attempt picks an endpoint not yet tried).
-    #[arg(long, env = "CROSSGATE_CONNECT_ATTEMPTS", default_value_t = 3)]
+    /// Endpoints tried per connection before giving up (each attempt picks an endpoint not yet tried). 1 is
+    /// Envoy's tcp_proxy default (`max_connect_attempts`), which Istio never sets.
+    #[arg(long, env = "CROSSGATE_CONNECT_ATTEMPTS", default_value_t = 1)]
     pub connect_attempts: usize,
 
     /// Close a tunnel after this long with no bytes either way, unless the DestinationRule sets

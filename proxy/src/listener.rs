@@ -18,7 +18,7 @@ use crate::cluster::{Cluster, Lease};
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
 use crate::forward::Keepalive;
-use crate::forward::{self, CopyMode, TunnelCounters, TunnelLimits, TunnelOutcome};
+use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits};
 use crate::metrics::{GaugeGuard, ListenerMetrics, RejectReason};
 use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};
 
@@ -185,8 +185,8 @@ fn serve_connection(
             Err(reason) => return refused(metrics, peer, reason),
         };
         let (counters, limits) = (upstream.counters(), upstream.limits(shared.limits.copy));
-        let outcome = forward::tunnel(&downstream, &upstream.stream, counters, limits, &shared.drain).await;
-        upstream.closed(outcome, peer);
+        let end = forward::tunnel(&downstream, &upstream.stream, counters, limits, &shared.drain).await;
+        upstream.closed(end, peer);
     }
 }
 
@@ -234,12 +234,12 @@ impl Upstream<'_> {
         }
     }
 
-    /// The tunnel's end, for outlier detection and the cluster's metrics.
-    fn closed(self, outcome: TunnelOutcome, peer: SocketAddr) {
+    /// The tunnel's end, for the cluster's metrics.
+    fn closed(self, end: TunnelEnd, peer: SocketAddr) {
         let UpstreamRoute::Cluster { lease, .. } = self.route else { return };
         let (cluster, upstream) = (lease.cluster().name().to_owned(), lease.address());
-        lease.finish(outcome);
-        tracing::debug!(%peer, %cluster, %upstream, end = ?outcome.end, "tunnel closed");
+        lease.finish(end);
+        tracing::debug!(%peer, %cluster, %upstream, ?end, "tunnel closed");
     }
 }
 

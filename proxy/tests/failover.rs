@@ -34,7 +34,8 @@ async fn losing_the_near_locality_moves_connections_far_and_back() {
     for backend in &far {
         yaml.push_str(&endpoint(backend.address, "us-west1/us-west1-a"));
     }
-    let gateway = TestGateway::start(&yaml, &["--locality=us-east1/us-east1-b"]).await;
+    // Three attempts per connection (Envoy's tcp_proxy default is one), so that retries hide the refusals.
+    let gateway = TestGateway::start(&yaml, &["--locality=us-east1/us-east1-b", "--connect-attempts=3"]).await;
     let call = || {
         let client_config = client_config.clone();
         async move {

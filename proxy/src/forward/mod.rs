@@ -80,14 +80,6 @@ pub struct TunnelLimits {
     pub copy: CopyMode,
 }
 
-/// How a tunnel ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TunnelOutcome {
-    pub end: TunnelEnd,
-    /// Bytes the upstream sent back: a reset before any is an upstream failure for outlier detection.
-    pub response_bytes: u64,
-}
-
 /// Copies both ways until both sides have closed their write half, an error resets the tunnel, or a
 /// limit or termination ends it. A reset on one side is passed on to the other as a reset.
 ///
@@ -103,7 +95,7 @@ pub fn tunnel<'a>(
     counters: TunnelCounters<'a>,
     limits: TunnelLimits,
     drain: &'a Drain,
-) -> impl Future<Output = TunnelOutcome> + 'a {
+) -> impl Future<Output = TunnelEnd> + 'a {
     async move {
         let start = Instant::now();
         let mut last_activity = start;
@@ -170,7 +162,7 @@ pub fn tunnel<'a>(
             }
             _ => {}
         }
-        TunnelOutcome { end, response_bytes: response.moved }
+        end
     }
 }
 
@@ -291,7 +283,7 @@ mod tests {
             let counters = TunnelCounters { request: &sent, response: &received };
             let limits = TunnelLimits { idle_timeout: Some(Duration::from_secs(30)), max_duration: None, copy: mode };
             let outcome = tunnel(&downstream, &upstream, counters, limits, &Drain::default()).await;
-            assert_eq!(outcome, TunnelOutcome { end: TunnelEnd::Complete, response_bytes: response.len() as u64 });
+            assert_eq!(outcome, TunnelEnd::Complete);
             assert!(server_side.await.unwrap() == request, "{mode:?}: request bytes changed");
             assert!(client_side.await.unwrap() == response, "{mode:?}: response bytes changed");
         }
@@ -307,16 +299,16 @@ mod tests {
             TunnelLimits { idle_timeout: Some(Duration::from_secs(10)), max_duration: None, copy: CopyMode::Auto };
         // Activity at 6 s moves the idle end to 16 s.
         let started = Instant::now();
-        let (outcome, ()) = tokio::join!(tunnel(&downstream, &upstream, counters, idle, &drain), async {
+        let (end, ()) = tokio::join!(tunnel(&downstream, &upstream, counters, idle, &drain), async {
             tokio::time::sleep(Duration::from_secs(6)).await;
             client.write_all(b"ping").await.unwrap();
         });
-        assert_eq!(outcome.end, TunnelEnd::IdleTimeout);
+        assert_eq!(end, TunnelEnd::IdleTimeout);
         assert!(started.elapsed() >= Duration::from_secs(16), "ended at {:?}", started.elapsed());
 
         let long = TunnelLimits { max_duration: Some(Duration::from_secs(5)), ..idle };
         let started = Instant::now();
-        assert_eq!(tunnel(&downstream, &upstream, counters, long, &drain).await.end, TunnelEnd::MaxDuration);
+        assert_eq!(tunnel(&downstream, &upstream, counters, long, &drain).await, TunnelEnd::MaxDuration);
         assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

@@ -28,8 +28,6 @@ pub enum Outcome {
     /// Refused or unreachable.
     ConnectFailure,
     ConnectTimeout,
-    /// Reset by the upstream before any byte came back; counted like a connect failure.
-    Reset,
 }
 
 /// Istio's `outlierDetection`, with Envoy's defaults filled in.
@@ -39,7 +37,11 @@ pub struct OutlierSettings {
     pub base_ejection_time: Duration,
     /// Envoy's `max_ejection_time` (Istio never sets it): 300 s, or the base time if that is longer.
     pub max_ejection_time: Duration,
+    /// Envoy ejects a host only while the ejected hosts, it included, stay within this share of the cluster (so
+    /// with the default 10%, a cluster of fewer than 10 hosts ejects none)...
     pub max_ejection_percent: u32,
+    /// ...unless this lets one host out whatever the share (`always_eject_one_host`; Istio never sets it).
+    pub always_eject_one_host: bool,
     /// `None`: this counter does not eject.
     pub consecutive_5xx: Option<u32>,
     pub consecutive_gateway: Option<u32>,
@@ -55,6 +57,7 @@ impl Default for OutlierSettings {
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 10,
+            always_eject_one_host: false,
             consecutive_5xx: Some(5),
             consecutive_gateway: None,
             consecutive_local_origin: None,
@@ -96,6 +99,7 @@ impl OutlierSettings {
             base_ejection_time,
             max_ejection_time,
             max_ejection_percent,
+            always_eject_one_host: od.always_eject_one_host.is_some_and(|v| v.value),
             consecutive_5xx: counter(od.consecutive_5xx.as_ref(), od.enforcing_consecutive_5xx.as_ref(), 100),
             consecutive_gateway: counter(
                 od.consecutive_gateway_failure.as_ref(),
@@ -191,8 +195,10 @@ impl OutlierSettings {
         if host.is_ejected() {
             return false;
         }
+        // Envoy's DetectorImpl::ejectHost (since envoyproxy/envoy#27909): the share after this ejection.
         let share = 100 * (already_ejected + 1) as u64;
-        let allowed = share <= u64::from(self.max_ejection_percent) * cluster_size as u64 || already_ejected == 0;
+        let allowed = share <= u64::from(self.max_ejection_percent) * cluster_size as u64
+            || (self.always_eject_one_host && already_ejected == 0);
         if !allowed {
             return false;
         }
@@ -271,7 +277,7 @@ mod tests {
         assert!(!s.record(&host, Outcome::ConnectTimeout));
         assert!(!s.record(&host, Outcome::ConnectSuccess), "a success resets the streak");
         assert!(!s.record(&host, Outcome::ConnectFailure));
-        assert!(!s.record(&host, Outcome::Reset));
+        assert!(!s.record(&host, Outcome::ConnectTimeout));
         assert!(s.record(&host, Outcome::ConnectTimeout));
     }
 
@@ -296,6 +302,7 @@ mod tests {
         let s = OutlierSettings {
             base_ejection_time: Duration::from_secs(100),
             max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 100,
             ..Default::default()
         };
         let table = [(1, 100), (2, 200), (3, 300), (4, 300)];
@@ -313,14 +320,19 @@ mod tests {
     }
 
     #[test]
-    fn max_ejection_percent_always_allows_one() {
+    fn max_ejection_percent_counts_the_host_to_eject_as_envoy_does() {
         let s = OutlierSettings { max_ejection_percent: 10, ..Default::default() };
         let now = Instant::now();
-        // 3 hosts, 10%: the first ejection (33%) is allowed anyway, the second is not.
-        assert!(s.eject(&HostOutlier::default(), 0, 3, now));
-        assert!(!s.eject(&HostOutlier::default(), 1, 3, now));
-        // 20 hosts, 10%: two may be out.
+        // 3 hosts, 10%: one ejection would be 33%, so none.
+        assert!(!s.eject(&HostOutlier::default(), 0, 3, now));
+        // 10 hosts: one; 20 hosts: two.
+        assert!(s.eject(&HostOutlier::default(), 0, 10, now));
+        assert!(!s.eject(&HostOutlier::default(), 1, 10, now));
         assert!(s.eject(&HostOutlier::default(), 1, 20, now));
         assert!(!s.eject(&HostOutlier::default(), 2, 20, now));
+        // always_eject_one_host lets the first one out, and only it.
+        let one = OutlierSettings { always_eject_one_host: true, ..s };
+        assert!(one.eject(&HostOutlier::default(), 0, 3, now));
+        assert!(!one.eject(&HostOutlier::default(), 1, 3, now));
     }
 }

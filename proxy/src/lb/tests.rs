@@ -237,8 +237,22 @@ fn panic_threshold() {
 fn max_ejection_percent_caps_ejections() {
     let endpoints: Vec<EndpointSpec> = (0..5).map(|i| endpoint(i, "")).collect();
     let now = Instant::now();
-    // Default 10% of 5 hosts is 0.5: still one host may be ejected.
+    // Default 10% of 5 hosts: one ejection would be 20%, so Envoy ejects none...
     let lb = build(endpoints.clone(), settings("outlierDetection: {consecutive5xxErrors: 1}"), "");
+    (0..5).for_each(|i| fail(&lb, i, 1, now));
+    assert_eq!(lb.hosts().iter().filter(|h| h.state.ejected()).count(), 0);
+    // ...unless always_eject_one_host (Istio never sets it) lets one out.
+    let mut cluster = envoy_cluster("outlierDetection: {consecutive5xxErrors: 1}");
+    cluster.outlier_detection.as_mut().unwrap().always_eject_one_host =
+        Some(envoy_types::pb::google::protobuf::BoolValue { value: true });
+    let settings_one = LbSettings::from_envoy(&cluster).unwrap();
+    let lb = ClusterLb::new(
+        endpoints.clone(),
+        build(endpoints.clone(), settings(""), "").topology().clone(),
+        settings_one,
+        None,
+        "c",
+    );
     (0..5).for_each(|i| fail(&lb, i, 1, now));
     assert_eq!(lb.hosts().iter().filter(|h| h.state.ejected()).count(), 1);
     // 40%: two.
