@@ -1,22 +1,18 @@
 //! The HTTP side doors: readiness on the status port (15021), Prometheus metrics (15090), and the
-//! loopback admin port with the config dump. They run on their own thread and runtime, so that a slow
-//! scrape never competes with the data-plane workers.
+//! loopback admin port with the config dump. They run on threads and runtimes of their own (see
+//! `gateway::spawn_side_doors`), so that a slow scrape never competes with the data-plane workers, and are
+//! bounded by `crossgate_sidedoor` (connections, request-head and idle timeouts, accept failures).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
+use crossgate_sidedoor::{Incoming, Limits};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::net::TcpListener;
 
 use crate::config::GatewayConfig;
 use crate::discovery::ConfigStore;
@@ -46,33 +42,29 @@ pub enum Port {
     Admin,
 }
 
-/// Serves `port`'s endpoints on `listener` until the gateway terminates.
-pub async fn serve(listener: TcpListener, port: Port, state: Arc<AdminState>) {
-    let terminated = state.drain.reached(Phase::Terminated);
-    tokio::pin!(terminated);
-    loop {
-        let (stream, _) = tokio::select! {
-            () = &mut terminated => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, ?port, "admin accept failed");
-                    continue;
-                }
-            },
-        };
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(respond(&request, port, &state)) }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
+impl Port {
+    /// The `listener` label of its metrics and log lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Port::Status => "status",
+            Port::Metrics => "metrics",
+            Port::Admin => "admin",
+        }
     }
 }
 
-fn respond(request: &Request<Incoming>, port: Port, state: &AdminState) -> Response<Full<Bytes>> {
+/// Serves `port`'s endpoints on the connections `incoming` admits until the gateway terminates.
+pub async fn serve(incoming: Incoming, limits: Limits, port: Port, state: Arc<AdminState>) {
+    let drain = state.drain.clone();
+    let handler = move |request| {
+        let state = Arc::clone(&state);
+        async move { respond(&request, port, &state) }
+    };
+    crossgate_sidedoor::http::serve(incoming, limits, handler, async move { drain.reached(Phase::Terminated).await })
+        .await;
+}
+
+fn respond(request: &Request<hyper::body::Incoming>, port: Port, state: &AdminState) -> Response<Full<Bytes>> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".to_owned());
     }

@@ -48,6 +48,12 @@ pub struct GatewayConfig {
     #[arg(long, env = "CROSSGATE_ADMIN_ADDR", default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// Connections each side door (status, metrics, admin) serves at once; more are closed as they come, so
+    /// that the side doors cannot take the descriptors the data plane needs.
+    #[arg(long, env = "CROSSGATE_SIDE_DOOR_MAX_CONNECTIONS", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..))]
+    pub side_door_max_connections: u16,
+
     /// A static resources file (YAML or JSON form of crossgate.discovery.v1.Resources), reloaded when it
     /// changes.
     #[arg(long, env = "CROSSGATE_RESOURCES", conflicts_with = "xds")]

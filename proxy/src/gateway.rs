@@ -108,11 +108,9 @@ impl Gateway {
         let keepalive = config.keepalive();
         let sockets = listener::bind_group(config.listen, workers, &keepalive)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
+        // Shared ports, as the data plane's: a new gateway binds beside a draining one (an in-place restart).
         let bind_side_door = |address: SocketAddr, what: &str| -> anyhow::Result<std::net::TcpListener> {
-            let listener = std::net::TcpListener::bind(address)
-                .with_context(|| format!("cannot bind the {what} port {address}"))?;
-            listener.set_nonblocking(true)?;
-            Ok(listener)
+            crossgate_sidedoor::bind_shared(address).with_context(|| format!("cannot bind the {what} port {address}"))
         };
         let side_doors = [
             (bind_side_door(config.status_addr, "status")?, Port::Status),
@@ -187,7 +185,7 @@ impl Gateway {
     /// and the outlier sweep run on the caller's runtime, the data plane on the worker threads.
     pub async fn run(self) -> anyhow::Result<()> {
         let Gateway { listeners, workers, side_doors, shared, admin, source, timing: _ } = self;
-        let side_thread = spawn_side_doors(side_doors, Arc::clone(&admin))?;
+        let side_threads = spawn_side_doors(side_doors, &admin)?;
         let drain = shared.drain.clone();
         let watcher = match source {
             Source::File(file) => tokio::spawn(file.watch(drain.clone())),
@@ -215,7 +213,9 @@ impl Gateway {
             worker.await.map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
         }
         watcher.await.context("configuration source panicked")??;
-        side_thread.join().map_err(|_| anyhow::anyhow!("admin thread panicked"))?;
+        for thread in side_threads {
+            thread.join().map_err(|_| anyhow::anyhow!("a side-door thread panicked"))?;
+        }
         Ok(())
     }
 }
@@ -350,18 +350,36 @@ async fn pace_timer_wheel() {
     }
 }
 
+/// Starts the side doors on two threads, each with its own runtime: readiness alone on one, so that it answers
+/// at once whatever the other is doing (a scrape of a large gateway renders for seconds), and the metrics and
+/// admin ports on the other.
 fn spawn_side_doors(
     side_doors: [(std::net::TcpListener, Port); 3],
+    admin: &Arc<AdminState>,
+) -> anyhow::Result<Vec<std::thread::JoinHandle<()>>> {
+    let (status, others): (Vec<_>, Vec<_>) = side_doors.into_iter().partition(|(_, port)| *port == Port::Status);
+    Ok(vec![
+        spawn_side_door_thread("crossgate-status", status, Arc::clone(admin))?,
+        spawn_side_door_thread("crossgate-admin", others, Arc::clone(admin))?,
+    ])
+}
+
+fn spawn_side_door_thread(
+    name: &str,
+    side_doors: Vec<(std::net::TcpListener, Port)>,
     admin: Arc<AdminState>,
 ) -> anyhow::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    Ok(std::thread::Builder::new().name("crossgate-admin".into()).spawn(move || {
+    let limits = crossgate_sidedoor::Limits::new(admin.config.side_door_max_connections.into());
+    Ok(std::thread::Builder::new().name(name.into()).spawn(move || {
         runtime.block_on(async move {
             let mut servers = tokio::task::JoinSet::new();
             for (listener, port) in side_doors {
                 match TcpListener::from_std(listener) {
                     Ok(listener) => {
-                        servers.spawn(admin::serve(listener, port, Arc::clone(&admin)));
+                        // In the gateway's registry: crossgate_connections_over_limit_total{listener}.
+                        let incoming = admin.telemetry.register(|| limits.incoming(listener, port.name()));
+                        servers.spawn(admin::serve(incoming, limits, port, Arc::clone(&admin)));
                     }
                     Err(error) => tracing::error!(%error, ?port, "cannot serve admin port"),
                 }

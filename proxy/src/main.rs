@@ -3,7 +3,7 @@
 use clap::Parser;
 use crossgate_proxy::config::GatewayConfig;
 use crossgate_proxy::gateway::Gateway;
-use tracing_subscriber::EnvFilter;
+use crossgate_sidedoor::process::{self, Signals, Stop};
 
 #[derive(Parser)]
 #[command(name = "crossgate-proxy", version, about = "An Istio east-west gateway: SNI passthrough on :15443")]
@@ -22,19 +22,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
-    match run_cli() {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("crossgate-proxy: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let logging = process::init_logging();
+    let result = run_cli();
+    logging.exit("crossgate-proxy", result)
 }
 
 fn run_cli() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
     let cli = Cli::parse();
     if let Some(Command::Simulate(args)) = cli.command {
         return crossgate_proxy::simulate::main_simulate(args);
@@ -45,21 +38,16 @@ fn run_cli() -> anyhow::Result<()> {
 }
 
 async fn run(config: GatewayConfig) -> anyhow::Result<()> {
+    let mut signals = Signals::install()?;
     let gateway = Gateway::bind(config).await?;
     let handle = gateway.handle();
     tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut terminate), Ok(mut interrupt)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = terminate.recv() => {
+        match signals.stop().await {
+            Stop::Drain => {
                 tracing::info!("SIGTERM: draining");
                 handle.shut_down().await;
             }
-            _ = interrupt.recv() => {
+            Stop::Now => {
                 tracing::info!("SIGINT: exiting now");
                 handle.terminate();
             }
