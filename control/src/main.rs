@@ -7,13 +7,13 @@ use clap::{Args, Parser, Subcommand};
 use crossgate_control::ads::AdsOptions;
 use crossgate_control::bootstrap::{EnvoyBootstrap, XdsAddress};
 use crossgate_control::certs;
-use crossgate_control::service::{Control, ControlConfig, MeshSource, TlsFiles, install_metrics};
+use crossgate_control::service::{ConnectionLimits, Control, ControlConfig, MeshSource, TlsFiles, install_metrics};
 use crossgate_control::sources::kube::KubeOptions;
 use crossgate_control::views::ViewOptions;
 use crossgate_istio::labels::Locality;
 use crossgate_istio::locality_lb::NetworkFailover;
 use crossgate_istio::node::GatewayNode;
-use tracing_subscriber::EnvFilter;
+use crossgate_sidedoor::process::{self, Signals};
 
 #[derive(Parser)]
 #[command(
@@ -111,6 +111,12 @@ struct RunArgs {
     /// /metrics, /ready, /debug/gateways, /debug/clusters.
     #[arg(long, env = "CROSSGATE_ADMIN_ADDR", default_value = "0.0.0.0:15014")]
     admin_addr: SocketAddr,
+    /// Gateway connections served at once; more are closed as they come.
+    #[arg(long, env = "CROSSGATE_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Admin-port connections served at once; more are closed as they come.
+    #[arg(long, env = "CROSSGATE_ADMIN_MAX_CONNECTIONS", default_value_t = 64)]
+    admin_max_connections: usize,
     /// At start, how long gateways wait for the remote clusters to sync before they are served without the ones
     /// that have not (Istio's PILOT_REMOTE_CLUSTER_TIMEOUT). The local cluster is always waited for.
     #[arg(long, env = "CROSSGATE_REMOTE_SYNC_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -167,21 +173,13 @@ enum CertsCommand {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    let logging = process::init_logging();
     let result = match Cli::parse().command {
         Command::Run(args) => run(args),
         Command::Certs(command) => write_certs(command),
         Command::Bootstrap(BootstrapCommand::Envoy(args)) => print_envoy_bootstrap(args),
     };
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("crossgate-control: {error:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    logging.exit("crossgate-control", result)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -216,28 +214,20 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         admin: args.admin_addr,
         debounce: args.debounce,
         tls: args.tls_cert.zip(args.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: args.tls_client_ca }),
+        limits: ConnectionLimits { grpc: args.max_connections, admin: args.admin_max_connections },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
+        let mut signals = Signals::install()?;
         let metrics = install_metrics()?;
         let control = Control::bind(config).await?;
-        control.run(Some(metrics), shutdown_signal()).await
+        // SIGTERM and SIGINT alike: nothing to drain but streams that gateways reopen elsewhere.
+        let shutdown = async move {
+            signals.stop().await;
+            tracing::info!("stopping");
+        };
+        control.run(Some(metrics), shutdown).await
     })
-}
-
-/// SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut terminate), Ok(mut interrupt)) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
-        }
-        _ => std::future::pending().await,
-    }
-    tracing::info!("stopping");
 }
 
 fn print_envoy_bootstrap(args: EnvoyBootstrapArgs) -> anyhow::Result<()> {

@@ -2,18 +2,15 @@
 //! and their remote secrets), debounced into versions, served to gateways over gRPC (plaintext or mTLS) as
 //! Envoy's xDS (ADS), with an admin port for metrics, readiness and the per-gateway debug view.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use crossgate_sidedoor::{Incoming, Limits};
 use http_body_util::Full;
-use hyper::server::conn::http1;
-use hyper::service::service_fn;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -59,6 +56,21 @@ pub struct ControlConfig {
     pub admin: SocketAddr,
     pub debounce: Duration,
     pub tls: Option<TlsFiles>,
+    pub limits: ConnectionLimits,
+}
+
+/// How many connections each port serves at once; more are closed as they come (see `crossgate_sidedoor`).
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Gateways: each holds one.
+    pub grpc: usize,
+    pub admin: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> ConnectionLimits {
+        ConnectionLimits { grpc: 1024, admin: 64 }
+    }
 }
 
 /// A bound control service.
@@ -112,10 +124,13 @@ impl Control {
         if let Some(tls) = &config.tls {
             builder = builder.tls_config(server_tls(tls)?)?;
         }
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        // Capped, and paused on accept failures: tonic's own accept loop retries EMFILE at once.
+        let incoming = Incoming::new(grpc, "grpc", config.limits.grpc);
         let router = builder.add_service(ads.clone().service());
         let grpc_task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped_signal()));
         let gateways = Gateways { ads };
+        let limits = Limits::new(config.limits.admin);
+        let admin = (limits.incoming(admin, "admin"), limits);
         let admin_task = tokio::spawn(serve_admin(admin, gateways, status, primed, metrics, stopped_signal()));
         tracing::info!(listen = %config.listen, "control service serving");
 
@@ -204,50 +219,44 @@ impl Gateways {
 /// must not take the control service out of its Service, or every gateway would lose it), `/debug/gateways`
 /// and `/debug/clusters` (JSON).
 async fn serve_admin(
-    listener: TcpListener,
+    (incoming, limits): (Incoming, Limits),
     gateways: Gateways,
     status: watch::Receiver<SyncStatuses>,
     primed: watch::Receiver<bool>,
     metrics: Option<PrometheusHandle>,
     stopped: impl Future<Output = ()>,
 ) {
-    tokio::pin!(stopped);
-    loop {
-        let stream = tokio::select! {
-            () = &mut stopped => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "admin accept failed");
-                    continue;
-                }
-            },
-        };
+    let handler = move |request: hyper::Request<hyper::body::Incoming>| {
         let (gateways, status, primed, metrics) = (gateways.clone(), status.clone(), primed.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (status_code, body) = match request.uri().path() {
-                    "/metrics" => (StatusCode::OK, metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default()),
-                    "/ready" if *primed.borrow() => (StatusCode::OK, "ready\n".to_owned()),
-                    "/ready" => {
-                        let statuses = status.borrow();
-                        let waiting: Vec<&str> =
-                            statuses.iter().filter(|(_, s)| !s.synced()).map(|(cluster, _)| cluster.as_str()).collect();
-                        let body =
-                            format!("not ready: the mesh is not whole yet; not synced: [{}]\n", waiting.join(", "));
-                        (StatusCode::SERVICE_UNAVAILABLE, body)
-                    }
-                    "/debug/gateways" => (StatusCode::OK, gateways.json()),
-                    "/debug/clusters" => (StatusCode::OK, json(&*status.borrow())),
-                    _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
-                };
-                let mut response = Response::new(Full::new(Bytes::from(body)));
-                *response.status_mut() = status_code;
-                async move { Ok::<_, Infallible>(response) }
-            });
-            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+        async move {
+            let (status_code, body) = match request.uri().path() {
+                // A render takes as long as the series are many: off the runtime's workers, which serve the
+                // gateways and readiness.
+                "/metrics" => match metrics {
+                    Some(metrics) => (
+                        StatusCode::OK,
+                        tokio::task::spawn_blocking(move || metrics.render()).await.unwrap_or_default(),
+                    ),
+                    None => (StatusCode::OK, String::new()),
+                },
+                "/ready" if *primed.borrow() => (StatusCode::OK, "ready\n".to_owned()),
+                "/ready" => {
+                    let statuses = status.borrow();
+                    let waiting: Vec<&str> =
+                        statuses.iter().filter(|(_, s)| !s.synced()).map(|(cluster, _)| cluster.as_str()).collect();
+                    let body = format!("not ready: the mesh is not whole yet; not synced: [{}]\n", waiting.join(", "));
+                    (StatusCode::SERVICE_UNAVAILABLE, body)
+                }
+                "/debug/gateways" => (StatusCode::OK, gateways.json()),
+                "/debug/clusters" => (StatusCode::OK, json(&*status.borrow())),
+                _ => (StatusCode::NOT_FOUND, "not found\n".to_owned()),
+            };
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            *response.status_mut() = status_code;
+            response
+        }
+    };
+    crossgate_sidedoor::http::serve(incoming, limits, handler, stopped).await;
 }
 
 fn json(value: &impl serde::Serialize) -> String {

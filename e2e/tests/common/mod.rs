@@ -127,6 +127,7 @@ impl RunningControl {
             admin: "127.0.0.1:0".parse().unwrap(),
             debounce: Duration::from_millis(20),
             tls,
+            limits: Default::default(),
         };
         let control = Control::bind(config).await.unwrap();
         let (grpc, admin) = (control.grpc_addr(), control.admin_addr());
