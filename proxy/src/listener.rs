@@ -17,8 +17,7 @@ use crate::balance::{Balancer, LoadGuard, Placement};
 use crate::cluster::{Cluster, Lease};
 use crate::discovery::ConfigStore;
 use crate::drain::{ConnectionCount, Drain, Phase};
-use crate::forward::Keepalive;
-use crate::forward::{self, CopyMode, TunnelCounters, TunnelEnd, TunnelLimits};
+use crate::forward::{self, CopyMode, Keepalive, TunnelCounters, TunnelEnd, TunnelLimits};
 use crate::metrics::{GaugeGuard, ListenerMetrics, RejectReason};
 use crate::tls::hello::{self, ClientHello, MAX_HELLO_BYTES, Parse};
 
@@ -117,6 +116,7 @@ fn bind_reusable(address: SocketAddr, keepalive: &Keepalive) -> io::Result<std::
 pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, balancer: Arc<Balancer>, worker: usize) {
     let closed = shared.drain.reached(Phase::ListenerClosed);
     tokio::pin!(closed);
+    let mut failures = crossgate_sidedoor::RateLimited::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -134,7 +134,9 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, balancer: A
             }
             Err(error) => {
                 // Out of file descriptors or memory: back off instead of spinning; the backlog holds the rest.
-                tracing::warn!(%error, "accept failed");
+                if let Some(suppressed) = failures.allow() {
+                    tracing::warn!(%error, worker, suppressed, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }

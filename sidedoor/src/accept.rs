@@ -182,16 +182,17 @@ impl Connected for Connection {
     }
 }
 
-/// Lets one event through per `LOG_INTERVAL`, and counts the others.
+/// Lets one event through per `LOG_INTERVAL`, and counts the others: for a log line that a failure in a loop
+/// would otherwise repeat as fast as the loop runs.
 #[derive(Debug, Default)]
-struct RateLimited {
+pub struct RateLimited {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimited {
     /// `Some(count of events left out since the last one let through)` when this one may be logged.
-    fn allow(&mut self) -> Option<u64> {
+    pub fn allow(&mut self) -> Option<u64> {
         let now = Instant::now();
         match self.last {
             Some(last) if now < last + LOG_INTERVAL => {

@@ -8,5 +8,5 @@ pub mod process;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use accept::{Incoming, bind_shared};
+pub use accept::{Incoming, RateLimited, bind_shared};
 pub use http::Limits;
